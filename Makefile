@@ -1,0 +1,42 @@
+# Two commands for a newcomer (README): `make demo` runs the workflow on the embedded default,
+# `make test` runs the test suite. Both create .venv on first use and reinstall only when pyproject.toml,
+# this Makefile or the torch choice changed.
+#
+#   make demo                       the Snakemake workflow on configs/default.yaml
+#   make test                       the pytest suite
+#   make TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126' test   (CUDA build)
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+TORCH_SPEC ?= torch==$(TORCH_VERSION)
+CORES ?= 2
+# The stamp's name carries the torch choice, so a new TORCH_SPEC reinstalls.
+STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH_SPEC)' | sha1sum | cut -c1-10)
+BIN := $(abspath $(VENV))/bin
+RUN := PATH="$(BIN):$$PATH"
+
+.PHONY: demo test lint venv clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: $(STAMP)
+	$(RUN) snakemake --cores $(CORES) --workflow-profile workflow/profiles/default all
+
+test: $(STAMP)
+	$(RUN) python -m pytest -q tests
+
+lint: $(STAMP)
+	$(RUN) snakemake --lint
+	$(RUN) snakefmt --check Snakefile workflow/rules
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,24 @@
+"""The mvptr workflow: wiring only. Rules live in workflow/rules/, logic in src/mvptr/ (the `mvptr` CLI).
+
+Run from the repository root:
+    snakemake --cores 2 --workflow-profile workflow/profiles/default all     (what `make demo` does)
+    snakemake -n                                                             (dry run)
+    snakemake --cores 2 --config 'dataset={synthetic: {size: tiny}}'        (overrides, see README)
+"""
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "configs/default.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        dataset_dir(),

@@ -1,0 +1,234 @@
+"""Load, merge, validate and hash the project's configuration.
+
+Why: every step (CLI, Snakemake rules, tests) must see the same config, merged in one fixed order and
+validated against one JSON schema (`workflow/schemas/config.schema.yaml`, the file Snakemake's `validate`
+also uses), so that a typo stops the run at start with a message naming the key.
+
+Merge order (later wins):
+    configs/default.yaml  <  configs/datasets/<dataset.name>.yaml  <  configs/models/<model.name>.yaml
+    <  configs/methods/<method.name>.yaml  <  configs/ablations.yaml[<ablation>]  <  `key=value` overrides
+
+The selectors (`dataset.name`, `model.name`, `method.name`, `ablation`) are read after the overrides are
+applied to the base, so `dataset.name=coco_format` on the command line picks the coco_format layer.
+
+Use:
+    from mvptr.config import load_config
+    cfg = load_config(["model.hidden_size=64"])
+or `mvptr config show model.hidden_size=64`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, override or value that cannot be used; the message names the key."""
+
+
+def project_root() -> Path:
+    """The folder holding `configs/` and `workflow/`: $MVPTR_ROOT, the working directory, or the checkout."""
+    if "MVPTR_ROOT" in os.environ:
+        return Path(os.environ["MVPTR_ROOT"]).resolve()
+    cwd = Path.cwd()
+    if (cwd / "configs").is_dir() and (cwd / "workflow").is_dir():
+        return cwd
+    # An editable install (the Makefile's) keeps the package inside the checkout: src/mvptr/config.py.
+    return Path(__file__).resolve().parents[2]
+
+
+def schema_path(root: Path | None = None) -> Path:
+    return (root or project_root()) / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file; a syntax error names the file and line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file not found: {path}") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"malformed YAML in {path}: {err}") from err
+    return {} if data is None else data
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge `update` into a copy of `base`: nested mappings merge, anything else is replaced."""
+    out = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; lists and scalars are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in cfg.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """`["model.hidden_size=64", "seed=1"]` -> nested dict; values are parsed as YAML (`64` is an int)."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.hidden_size=64)")
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {key!r}: value {text!r} is not valid YAML: {err}") from err
+        parts = key.split(".")
+        node = nested
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r} conflicts with {'.'.join(parts[: depth + 1])}={child!r}")
+            node = child
+        node[parts[-1]] = value
+    return nested
+
+
+def format_override(key: str, value: Any) -> str:
+    """The inverse of `parse_overrides` for one leaf: `key=<YAML flow text>`."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    if text.endswith("\n..."):
+        text = text[: -len("\n...")]
+    elif text.endswith("..."):
+        text = text[: -len("...")].strip()
+    return f"{key}={text}"
+
+
+def overrides_from(config: Mapping[str, Any], base: Mapping[str, Any]) -> list[str]:
+    """The `key=value` overrides that turn `base` into `config` (e.g. Snakemake's --config/--configfile).
+
+    Snakemake parses `--config` values with YAML's BaseLoader, so numbers arrive as strings; each changed
+    string leaf is parsed again as YAML, the same way `parse_overrides` reads the command line.
+    """
+    base_flat = flatten(base)
+    out = []
+    for key, value in flatten(config).items():
+        if isinstance(value, str) and not isinstance(base_flat.get(key), str):
+            value = yaml.safe_load(value) if value else None
+        if key not in base_flat or base_flat[key] != value:
+            out.append(format_override(key, value))
+    return out
+
+
+def _layer(path: Path, what: str, name: Any) -> dict[str, Any]:
+    if not path.is_file():
+        choices = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"config key {what!r}: no layer named {name!r}; allowed values: {', '.join(choices)}")
+    return read_yaml(path)
+
+
+def compose(base: Mapping[str, Any], overrides: Sequence[str] = (), root: Path | None = None) -> dict[str, Any]:
+    """Merge the layers selected by `base` + `overrides` in the documented order and validate the result."""
+    root = root or project_root()
+    configs = root / "configs"
+    cli = parse_overrides(overrides)
+    selected = merge(base, cli)
+    layers = [base]
+    for section in ("dataset", "model", "method"):
+        name = selected.get(section, {}).get("name")
+        layers.append(_layer(configs / f"{section}s" / f"{name}.yaml", f"{section}.name", name))
+    ablations = read_yaml(configs / "ablations.yaml")
+    ablation = selected.get("ablation")
+    if ablation not in ablations:
+        raise ConfigError(f"config key 'ablation': {ablation!r} is not defined in configs/ablations.yaml; "
+                          f"allowed values: {', '.join(sorted(ablations))}")
+    layers += [ablations[ablation] or {}, cli]
+    cfg: dict[str, Any] = {}
+    for layer in layers:
+        cfg = merge(cfg, layer)
+    validate(cfg, schema_path(root))
+    return cfg
+
+
+def load_config(overrides: Sequence[str] = (), base: Path | None = None, root: Path | None = None) -> dict[str, Any]:
+    """Read the base file (default `configs/default.yaml`), apply layers and overrides, validate."""
+    root = root or project_root()
+    return compose(read_yaml(base or root / "configs" / "default.yaml"), overrides, root)
+
+
+def _allowed(schema: Mapping[str, Any]) -> str:
+    """Say in words what a schema node accepts, for error messages."""
+    if "enum" in schema:
+        return "one of " + ", ".join(json.dumps(v) for v in schema["enum"])
+    parts = []
+    if "type" in schema:
+        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        parts.append(" or ".join(types))
+    for word, key in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<")):
+        if word in schema:
+            parts.append(f"{key} {schema[word]}")
+    if "minItems" in schema:
+        parts.append(f"{schema['minItems']}+ items")
+    if "description" in schema:
+        parts.append(f"({schema['description']})")
+    return " ".join(parts) or "see the schema"
+
+
+def _message(error: jsonschema.ValidationError) -> str:
+    path = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties":
+        known = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(known))
+        where = f"under {path!r}" if path else "at the top level"
+        keys = ", ".join(f"{path}.{k}" if path else k for k in extra)
+        return f"unknown config key {keys}; allowed keys {where}: {', '.join(known)}"
+    if error.validator == "required":
+        missing = error.message.split("'")[1]
+        full = f"{path}.{missing}" if path else missing
+        return f"config key {full!r} is missing"
+    return f"config key {path!r}: {error.instance!r} is not allowed; allowed: {_allowed(error.schema)}"
+
+
+def validate(cfg: Mapping[str, Any], schema_file: Path | None = None) -> None:
+    """Raise ConfigError listing every invalid key with what it accepts."""
+    schema = read_yaml(schema_file or schema_path())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: [str(p) for p in e.absolute_path])
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(_message(e) for e in errors))
+
+
+def config_hash(cfg: Mapping[str, Any], keys: Sequence[str] | None = None, length: int = 12) -> str:
+    """sha256 of the canonical JSON of the whole config, or of the given dotted keys only."""
+    if keys is not None:
+        flat = flatten(cfg)
+        picked = {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in keys)}
+        cfg = picked
+    text = json.dumps(cfg, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def dataset_keys(cfg: Mapping[str, Any]) -> list[str]:
+    """The config keys that shape a prepared dataset (and so name its folder)."""
+    name = cfg["dataset"]["name"]
+    keys = ["dataset.name", f"dataset.{name}"]
+    return keys + ["seed"] if name == "synthetic" else keys
+
+
+def dataset_dir(cfg: Mapping[str, Any], root: Path | str = "resources") -> Path:
+    """`resources/<dataset name>-<hash of the keys that shape it>`: a new size or seed gets a new folder."""
+    return Path(root) / f"{cfg['dataset']['name']}-{config_hash(cfg, dataset_keys(cfg), 8)}"

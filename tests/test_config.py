@@ -1,0 +1,114 @@
+"""The config: merge order, validation messages that name the key, hashes, Snakemake round trip."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_mvptr
+from mvptr.config import (ConfigError, compose, config_hash, dataset_dir, load_config, overrides_from,
+                          parse_overrides, read_yaml)
+
+
+def test_default_config_merges_the_model_layer():
+    cfg = load_config(root=ROOT)
+    assert cfg["dataset"]["name"] == "synthetic"
+    # hidden_size is only in configs/models/tiny.yaml: the layer was merged.
+    assert cfg["model"]["hidden_size"] == read_yaml(ROOT / "configs/models/tiny.yaml")["model"]["hidden_size"]
+
+
+def test_an_override_selects_another_layer():
+    assert load_config(["model.name=bert_base"], root=ROOT)["model"]["hidden_size"] == 768
+
+
+@pytest.fixture
+def layered_root(tmp_path: Path) -> Path:
+    """A copy of the project's configs and schema, to add values to single layers."""
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    shutil.copytree(ROOT / "workflow" / "schemas", tmp_path / "workflow" / "schemas")
+    return tmp_path
+
+
+LAYERS = ["default.yaml", "datasets/synthetic.yaml", "models/tiny.yaml", "methods/mvptr.yaml"]
+
+
+@pytest.mark.parametrize("top", range(len(LAYERS) + 2))
+def test_merge_order_base_dataset_model_method_ablation_cli(layered_root: Path, top: int):
+    """Layer i sets seed=i for every layer up to `top`; the highest layer that sets it must win."""
+    for i, name in enumerate(LAYERS[: top + 1]):
+        path = layered_root / "configs" / name
+        data = read_yaml(path)
+        data["seed"] = 100 + i
+        path.write_text(yaml.safe_dump(data))
+    if top >= len(LAYERS):  # the ablation layer
+        (layered_root / "configs/ablations.yaml").write_text(yaml.safe_dump({"full": {"seed": 100 + len(LAYERS)}}))
+    overrides = [f"seed={100 + len(LAYERS) + 1}"] if top == len(LAYERS) + 1 else []
+    assert load_config(overrides, root=layered_root)["seed"] == 100 + top
+
+
+def test_unknown_key_is_named_with_the_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(["model.hidden_sise=64"], root=ROOT)
+    assert "model.hidden_sise" in str(err.value)
+    assert "hidden_size" in str(err.value)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.hidden_size=banana", ["model.hidden_size", "integer"]),
+    ("model.hidden_size=8", ["model.hidden_size", ">= 16"]),
+    ("dataset.synthetic.size=huge", ["dataset.synthetic.size", "tiny", "small", "default"]),
+    ("dataset.name=imagenet", ["dataset.name", "coco_format", "synthetic"]),
+    ("ablation=nope", ["ablation", "full"]),
+    ("dataset.name=coco_format", ["dataset.coco_format.images_dir", "string"]),
+])
+def test_bad_value_names_the_key_and_what_is_allowed(override: str, words: list[str]):
+    with pytest.raises(ConfigError) as err:
+        load_config([override], root=ROOT)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_malformed_override_is_refused():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["seed"])
+
+
+def test_hash_follows_content():
+    cfg = load_config(root=ROOT)
+    assert config_hash(cfg) == config_hash(load_config(root=ROOT))
+    assert config_hash(cfg) != config_hash(load_config(["seed=1"], root=ROOT))
+
+
+def test_dataset_folder_changes_with_the_keys_that_shape_it_only():
+    base = dataset_dir(load_config(root=ROOT))
+    assert dataset_dir(load_config(["seed=1"], root=ROOT)) != base
+    assert dataset_dir(load_config(["dataset.synthetic.size=tiny"], root=ROOT)) != base
+    assert dataset_dir(load_config(["model.name=bert_base"], root=ROOT)) == base
+
+
+def test_snakemake_style_config_round_trips_to_the_same_overrides():
+    base = read_yaml(ROOT / "configs/default.yaml")
+    # What Snakemake hands the workflow for --config seed=3 'dataset={synthetic: {size: tiny}}':
+    # BaseLoader leaves numbers as strings.
+    sm_config = {**base, "seed": "3", "dataset": {**base["dataset"], "synthetic": {**base["dataset"]["synthetic"],
+                                                                                      "size": "tiny"}}}
+    overrides = overrides_from(sm_config, base)
+    assert sorted(overrides) == ["dataset.synthetic.size=tiny", "seed=3"]
+    assert compose(base, overrides, ROOT) == load_config(["seed=3", "dataset.synthetic.size=tiny"], root=ROOT)
+
+
+def test_cli_show_prints_config_and_hash():
+    proc = run_mvptr("config", "show", "seed=3", check=True)
+    text = proc.stdout
+    assert yaml.safe_load(text)["seed"] == 3
+    assert f"# config hash: {config_hash(load_config(['seed=3'], root=ROOT))}" in text
+
+
+def test_cli_bad_value_exits_nonzero_naming_the_key():
+    proc = run_mvptr("config", "show", "model.hidden_size=banana")
+    assert proc.returncode != 0
+    assert "model.hidden_size" in proc.stderr
+    assert "Traceback" not in proc.stderr

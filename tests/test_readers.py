@@ -1,0 +1,111 @@
+"""COCO-format readers: a user's own dataset, and clear errors for each kind of bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import run_mvptr
+from mvptr.data.coco import CocoFormatDataset, DataError, open_prepared
+
+
+def write_dataset(root: Path, n_images: int = 3) -> dict[str, Path]:
+    """A small COCO-format dataset written by hand: images, captions, instances and a Karpathy split."""
+    images = root / "imgs"
+    images.mkdir(parents=True)
+    coco_images, captions, instances, split = [], [], [], []
+    for i in range(1, n_images + 1):
+        name = f"img{i}.jpg"
+        Image.new("RGB", (32, 24), (10 * i, 0, 0)).save(images / name)
+        coco_images.append({"id": i, "file_name": name, "width": 32, "height": 24})
+        captions += [{"id": 10 * i + k, "image_id": i, "caption": f"picture {i} caption {k}"} for k in range(2)]
+        instances.append({"id": 100 + i, "image_id": i, "category_id": 1, "bbox": [1, 1, 10, 10], "area": 100,
+                          "iscrowd": 0})
+        split.append({"cocoid": i, "split": "train" if i < n_images else "test"})
+    paths = {"images_dir": images, "captions": root / "captions.json", "instances": root / "instances.json",
+             "split_file": root / "split.json"}
+    paths["captions"].write_text(json.dumps({"images": coco_images, "annotations": captions}))
+    paths["instances"].write_text(json.dumps({"images": coco_images, "annotations": instances,
+                                              "categories": [{"id": 1, "name": "thing"}]}))
+    paths["split_file"].write_text(json.dumps({"images": split}))
+    return paths
+
+
+def test_reads_a_users_dataset(tmp_path: Path):
+    paths = write_dataset(tmp_path)
+    ds = CocoFormatDataset.open(**paths)
+    assert ds.image_ids() == [1, 2, 3]
+    assert ds.image_ids("train") == [1, 2] and ds.image_ids("test") == [3]
+    assert ds.captions(2) == [(20, "picture 2 caption 0"), (21, "picture 2 caption 1")]
+    assert ds.image_path(3) == paths["images_dir"] / "img3.jpg"
+    assert len(ds.instances_coco.getAnnIds(imgIds=[1])) == 1
+
+
+def test_without_split_file_everything_is_train(tmp_path: Path):
+    paths = write_dataset(tmp_path)
+    ds = CocoFormatDataset.open(paths["images_dir"], paths["captions"])
+    assert ds.image_ids("train") == [1, 2, 3]
+
+
+def test_missing_images_are_counted_and_the_first_named(tmp_path: Path):
+    paths = write_dataset(tmp_path, n_images=4)
+    for i in (2, 4):
+        (paths["images_dir"] / f"img{i}.jpg").unlink()
+    with pytest.raises(DataError) as err:
+        CocoFormatDataset.open(**paths)
+    message = str(err.value)
+    assert "2 image file(s) missing" in message
+    assert str(paths["images_dir"] / "img2.jpg") in message
+
+
+def test_malformed_json_names_file_and_position(tmp_path: Path):
+    paths = write_dataset(tmp_path)
+    paths["captions"].write_text('{"images": [1, 2,\n  ]}')
+    with pytest.raises(DataError) as err:
+        CocoFormatDataset.open(**paths)
+    assert str(paths["captions"]) in str(err.value)
+    assert "line 2 column 3" in str(err.value)
+
+
+def test_empty_caption_names_its_id(tmp_path: Path):
+    paths = write_dataset(tmp_path)
+    data = json.loads(paths["captions"].read_text())
+    data["annotations"][3]["caption"] = "   "
+    paths["captions"].write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"annotation ids: 21\b"):
+        CocoFormatDataset.open(**paths)
+
+
+def test_caption_that_is_not_utf8_names_its_id(tmp_path: Path):
+    paths = write_dataset(tmp_path)
+    raw = paths["captions"].read_bytes().replace(b"picture 3 caption 1", b"picture \xff\xfe caption")
+    paths["captions"].write_bytes(raw)
+    with pytest.raises(DataError, match=r"not valid UTF-8; annotation ids: 31\b"):
+        CocoFormatDataset.open(**paths)
+
+
+def test_prepare_and_check_a_coco_format_dataset_through_the_cli(tmp_path: Path):
+    paths = write_dataset(tmp_path / "user")
+    out = tmp_path / "prepared"
+    overrides = ["dataset.name=coco_format"] + [f"dataset.coco_format.{k}={v}" for k, v in paths.items()]
+    run_mvptr("data", "prepare", "--out", str(out), *overrides, check=True)
+    ds = open_prepared(out)
+    assert ds.image_ids("test") == [3]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {"images": 3, "captions": 6, "objects": 3, "images_train": 2, "images_test": 1}
+    check = run_mvptr("data", "check", str(out), check=True)
+    assert json.loads(check.stdout) == {"captions": 6, "test": 1, "train": 2}
+
+
+def test_prepare_of_a_bad_dataset_exits_with_the_message_and_writes_nothing(tmp_path: Path):
+    paths = write_dataset(tmp_path / "user")
+    (paths["images_dir"] / "img1.jpg").unlink()
+    out = tmp_path / "prepared"
+    overrides = ["dataset.name=coco_format"] + [f"dataset.coco_format.{k}={v}" for k, v in paths.items()]
+    proc = run_mvptr("data", "prepare", "--out", str(out), *overrides)
+    assert proc.returncode == 2
+    assert "img1.jpg" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
