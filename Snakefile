@@ -11,7 +11,8 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "configs/default.yaml"
+# Relative to the Snakefile, so that --directory elsewhere still finds it.
+configfile: f"{workflow.basedir}/configs/default.yaml"
 
 
 include: "workflow/rules/common.smk"

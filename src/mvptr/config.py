@@ -19,6 +19,7 @@ or `mvptr config show model.hidden_size=64`.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
@@ -229,6 +230,19 @@ def dataset_keys(cfg: Mapping[str, Any]) -> list[str]:
     return keys + ["seed"] if name == "synthetic" else keys
 
 
-def dataset_dir(cfg: Mapping[str, Any], root: Path | str = "resources") -> Path:
-    """`resources/<dataset name>-<hash of the keys that shape it>`: a new size or seed gets a new folder."""
+def dataset_dir(cfg: Mapping[str, Any], root: Path | str = "resources/datasets") -> Path:
+    """`resources/datasets/<dataset name>-<hash of the keys that shape it>`: a new size or seed gets a new folder."""
     return Path(root) / f"{cfg['dataset']['name']}-{config_hash(cfg, dataset_keys(cfg), 8)}"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--root`, `--base` and `key=value` overrides, for every subcommand that reads the config."""
+    parser.add_argument("--root", type=Path, default=None,
+                        help="project folder holding configs/ and workflow/ (default: $MVPTR_ROOT, the working "
+                             "directory if it has them, else the checkout the package was installed from)")
+    parser.add_argument("--base", type=Path, default=None, help="base config file (default ROOT/configs/default.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seed=1")
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return load_config(args.overrides, args.base, args.root)

@@ -33,7 +33,7 @@ wildcard_constraints:
 
 def dataset_dir():
     """The prepared dataset folder of the configured dataset."""
-    return f"resources/{DATASET}"
+    return f"resources/datasets/{DATASET}"
 
 
 def config_args():

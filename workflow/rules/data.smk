@@ -3,7 +3,7 @@
 
 rule prepare_data:
     output:
-        directory("resources/{dataset}"),
+        directory("resources/datasets/{dataset}"),
     log:
         "results/logs/prepare_data/{dataset}.log",
     benchmark:

@@ -1,0 +1,1 @@
+"""Data preparation and reading: the embedded synthetic world and COCO-format datasets."""
