@@ -17,9 +17,11 @@ configfile: f"{workflow.basedir}/configs/default.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/concepts.smk"
 
 
 rule all:
     default_target: True
     input:
         dataset_dir(),
+        concept_outputs(),

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Runs that tests log (and the CLI processes they start, which inherit the environment) go to a throw-away
+# MLflow store, never to the project's results/mlflow.db.
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp(prefix='mvptr-mlflow-')}/mlflow.db")
 
 
 def run_mvptr(*args: str, cwd: Path = ROOT, check: bool = False) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ config) and the same tags (ablation, method, stage, task, dataset, snakemake_rul
 commit, config hash). MLflow records; it never schedules.
 
 Store: $MLFLOW_TRACKING_URI when set (a tracking server on a cluster), else a SQLite file
-`results/mlflow.db` under the project root (MLflow refuses a plain file store).
+`results/mlflow.db` in the working directory, beside the other results (MLflow refuses a plain file store).
 
 Use:
     run_id = log_run(cfg, stage="concepts", task="concept_quality", metrics={"objects_f1": 0.98})
@@ -26,10 +26,10 @@ from mvptr.config import config_hash, flatten, project_root
 MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
 
 
-def tracking_uri(root: Path | None = None) -> str:
+def tracking_uri() -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    results = (root or project_root()) / "results"
+    results = Path("results").resolve()
     results.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{results / 'mlflow.db'}"
 

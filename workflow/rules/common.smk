@@ -36,6 +36,14 @@ def dataset_dir():
     return f"resources/datasets/{DATASET}"
 
 
+def concept_outputs():
+    """The concept vocabulary, plus the parser's quality where the dataset has gold tuples (synthetic)."""
+    outputs = [f"results/{DATASET}/concepts/concept_vocab.json"]
+    if CONFIG["dataset"]["name"] == "synthetic":
+        outputs.append(f"results/{DATASET}/concepts/concept_quality.json")
+    return outputs
+
+
 def config_args():
     """`--root` and the overrides to hand to `mvptr`, shell-quoted: a rule's command may run in another
     working directory (--directory, a cluster node) and must compose the same config."""

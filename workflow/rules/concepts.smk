@@ -1,0 +1,58 @@
+"""Concept rules: parse captions into scene-graph concepts, score the parser, build the concept vocabulary."""
+
+
+rule extract_concepts:
+    input:
+        "resources/datasets/{dataset}",
+    output:
+        "results/{dataset}/concepts/concepts.json",
+    log:
+        "results/logs/extract_concepts/{dataset}.log",
+    benchmark:
+        "results/benchmarks/rules/extract_concepts/{dataset}.tsv"
+    conda:
+        "../../environment.yml"
+    threads: 2
+    params:
+        config=config_args(),
+    shell:
+        "mvptr concepts extract --dataset {input} --out {output} --n-process {threads} "
+        "{params.config} > {log} 2>&1"
+
+
+rule concept_quality:
+    input:
+        dataset="resources/datasets/{dataset}",
+        concepts="results/{dataset}/concepts/concepts.json",
+    output:
+        "results/{dataset}/concepts/concept_quality.json",
+    log:
+        "results/logs/concept_quality/{dataset}.log",
+    benchmark:
+        "results/benchmarks/rules/concept_quality/{dataset}.tsv"
+    conda:
+        "../../environment.yml"
+    params:
+        config=config_args(),
+    shell:
+        "MVPTR_RULE=concept_quality mvptr concepts quality --dataset {input.dataset} "
+        "--concepts {input.concepts} --out {output} {params.config} > {log} 2>&1"
+
+
+rule build_concept_vocab:
+    input:
+        dataset="resources/datasets/{dataset}",
+        concepts="results/{dataset}/concepts/concepts.json",
+    output:
+        "results/{dataset}/concepts/concept_vocab.json",
+    log:
+        "results/logs/build_concept_vocab/{dataset}.log",
+    benchmark:
+        "results/benchmarks/rules/build_concept_vocab/{dataset}.tsv"
+    conda:
+        "../../environment.yml"
+    params:
+        config=config_args(),
+    shell:
+        "mvptr concepts vocab --dataset {input.dataset} --concepts {input.concepts} "
+        "--out {output} {params.config} > {log} 2>&1"
