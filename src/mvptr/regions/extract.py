@@ -1,0 +1,264 @@
+"""The extract_region_features step: train the region backbone, then write one region store per split.
+
+Why: every method reads the same regions - features, 6 box values and object tags - from one store per
+split, so that differences between methods come from their objectives, not their inputs.
+
+What it does, deterministically from `seed` and the `regions.*` config (bit for bit at a given number of
+torch threads; another thread count sums floats in another order and changes the last bits):
+1. Read every image once (PIL). An unreadable image stops the step with a DataError naming its path
+   (`regions.on_bad_image: fail`) or is left out and listed in `skipped.json` with the reason (`skip`).
+2. Train the backbone (mvptr.regions.backbone) on the training split's gold object crops; score each head
+   on the val split's crops.
+3. For each split, each image's boxes (gold, largest first, or the detector's), the backbone's penultimate
+   features of their crops, the 6 box values, and object tags: the backbone's predicted category
+   (`regions.tags: predicted`, as VinVL's tags are its detector's) or the annotated one (`gold`).
+
+Outputs in `out_dir` (each written atomically; leftovers of an interrupted run are removed at start):
+    {split}.h5                 region store (mvptr.regions.store), tag vocabulary = the dataset's categories
+    backbone.safetensors       backbone weights
+    backbone_metrics.json      train loss per epoch, val accuracy per head
+    skipped.json               images left out, with path and reason ([] when none)
+
+Use:
+    mvptr regions extract --dataset resources/datasets/synthetic-1a2b3c4d --out results/regions/... [key=value ...]
+    extract_region_features(cfg, dataset_dir, out_dir)      # -> summary dict
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mvptr.atomic import atomic_write_json
+from mvptr.config import ConfigError, config_hash, dataset_keys
+from mvptr.data.coco import CocoFormatDataset, DataError, open_prepared
+from mvptr.regions.backbone import (CATEGORY_HEAD, IGNORE, CropSet, RegionBackbone, crop, predict, save_backbone,
+                                    train_backbone)
+from mvptr.regions.boxes import NUM_BOX_VALUES, RegionBox, TorchvisionDetector, box_values, category_names, gold_boxes
+from mvptr.regions.store import Regions, RegionStoreWriter
+
+BACKBONE_FILE = "backbone.safetensors"
+METRICS_FILE = "backbone_metrics.json"
+SKIPPED_FILE = "skipped.json"
+# Images whose crops go through the backbone together in the extraction pass.
+_IMAGES_PER_BATCH = 64
+_PROGRESS_EVERY_S = 5.0
+
+Log = Callable[[str], None]
+
+
+class Progress:
+    """Prints `label: done/total unit (rate/s, ETA ..s)` at most every few seconds, and once at the end."""
+
+    def __init__(self, label: str, total: int, unit: str, log: Log) -> None:
+        self.label, self.total, self.unit, self.log = label, total, unit, log
+        self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def advance(self, n: int = 1, note: str = "") -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last < _PROGRESS_EVERY_S and self.done < self.total:
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / rate if rate else float("inf")
+        self.log(f"{self.label}: {self.done}/{self.total} {self.unit} ({rate:.1f}/s, ETA {eta:.0f}s){note}")
+
+
+def read_image(path: Path) -> Image.Image:
+    """The image as RGB, fully decoded; anything PIL cannot read becomes a DataError naming the path."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for corrupt files
+        raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
+
+
+@dataclass
+class ImageReader:
+    """Reads images under the `on_bad_image` policy: `fail` raises, `skip` records the image and returns None."""
+
+    ds: CocoFormatDataset
+    on_bad_image: str
+    skipped: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def read(self, image_id: int) -> Image.Image | None:
+        if image_id in self.skipped:
+            return None
+        path = self.ds.image_path(image_id)
+        try:
+            return read_image(path)
+        except DataError as err:
+            if self.on_bad_image == "fail":
+                raise
+            self.skipped[image_id] = {"image_id": image_id, "split": self.ds.splits[image_id], "path": str(path),
+                                      "reason": str(err)}
+            return None
+
+
+def _stack(crops: Sequence[np.ndarray], values: Sequence[np.ndarray], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crops and box values as the backbone's (pixels, geometry) input; empty tensors for no regions."""
+    if not crops:
+        return torch.zeros(0, 3, size, size, dtype=torch.uint8), torch.zeros(0, NUM_BOX_VALUES)
+    return torch.from_numpy(np.stack(crops)), torch.from_numpy(np.stack(values))
+
+
+@dataclass
+class _Examples:
+    """Gold crops of one split before their labels are turned into class ids."""
+
+    pixels: list[np.ndarray] = field(default_factory=list)
+    geometry: list[np.ndarray] = field(default_factory=list)
+    labels: list[dict[str, str]] = field(default_factory=list)
+
+    def add(self, image: Image.Image, box: RegionBox, crop_size: int) -> None:
+        self.pixels.append(crop(image, box.xyxy, crop_size))
+        self.geometry.append(box_values(box.xyxy, *image.size))
+        self.labels.append({CATEGORY_HEAD: box.category, **{k: v for k, v in box.attributes.items()
+                                                            if isinstance(v, str)}})
+
+    def encode(self, vocabularies: Mapping[str, Sequence[str]], crop_size: int) -> CropSet:
+        ids = {head: {name: k for k, name in enumerate(names)} for head, names in vocabularies.items()}
+        labels = {head: torch.tensor([ids[head].get(lab.get(head), IGNORE) for lab in self.labels], dtype=torch.long)
+                  for head in vocabularies}
+        return CropSet(*_stack(self.pixels, self.geometry, crop_size), labels)
+
+
+def _vocabularies(categories: Sequence[str], train: _Examples) -> dict[str, list[str]]:
+    """One head per label: the category, plus each attribute that every training instance has."""
+    attributes = set.intersection(*(set(lab) for lab in train.labels)) - {CATEGORY_HEAD} if train.labels else set()
+    return {CATEGORY_HEAD: list(categories),
+            **{name: sorted({lab[name] for lab in train.labels}) for name in sorted(attributes)}}
+
+
+def _scan(ds: CocoFormatDataset, reader: ImageReader, max_regions: int, crop_size: int,
+          log: Log) -> dict[str, _Examples]:
+    """Read every image once (so a bad one is found before training) and keep the train/val gold crops."""
+    examples = {"train": _Examples(), "val": _Examples()}
+    ids = ds.image_ids()
+    progress = Progress("read images", len(ids), "images", log)
+    for image_id in ids:
+        image = reader.read(image_id)
+        split = ds.splits[image_id]
+        if image is not None and split in examples:
+            for box in gold_boxes(ds.instances_coco, image_id, max_regions):
+                examples[split].add(image, box, crop_size)
+        progress.advance()
+    return examples
+
+
+def _batches(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@dataclass
+class _RegionSource:
+    """Each image's boxes and, from the backbone, their features and tags."""
+
+    ds: CocoFormatDataset
+    model: RegionBackbone
+    categories: list[str]
+    max_regions: int
+    gold_tags: bool
+    detector: TorchvisionDetector | None
+
+    def boxes(self, image_id: int, image: Image.Image) -> list[RegionBox]:
+        if self.detector is not None:
+            return self.detector(image)
+        return gold_boxes(self.ds.instances_coco, image_id, self.max_regions)
+
+    def regions(self, images: Mapping[int, Image.Image]) -> dict[int, Regions]:
+        """Regions of several images, their crops through the backbone in one batch."""
+        boxes = {image_id: self.boxes(image_id, image) for image_id, image in images.items()}
+        size = self.model.crop_size
+        crops = [crop(images[i], b.xyxy, size) for i, bs in boxes.items() for b in bs]
+        values = [box_values(b.xyxy, *images[i].size) for i, bs in boxes.items() for b in bs]
+        pixels, geometry = _stack(crops, values, size)
+        features, classes = predict(self.model, pixels, geometry)
+        tags = (np.array([self.categories.index(b.category) for bs in boxes.values() for b in bs], dtype=np.int32)
+                if self.gold_tags else classes[CATEGORY_HEAD].numpy().astype(np.int32))
+        out, start = {}, 0
+        for image_id, image_boxes in boxes.items():
+            stop = start + len(image_boxes)
+            out[image_id] = Regions(features[start:stop].numpy().astype(np.float16), geometry[start:stop].numpy(),
+                                    tags[start:stop])
+            start = stop
+        return out
+
+
+def _write_store(path: Path, split: str, ids: Sequence[int], reader: ImageReader, source: _RegionSource,
+                 attrs: Mapping[str, Any], log: Log) -> dict[str, int]:
+    progress = Progress(f"extract {split}", len(ids), "images", log)
+    written = regions_total = 0
+    with RegionStoreWriter(path, source.model.feature_dim, source.categories, {**attrs, "split": split}) as writer:
+        for batch in _batches(ids, _IMAGES_PER_BATCH):
+            images = {i: image for i in batch if (image := reader.read(i)) is not None}
+            for image_id, regions in source.regions(images).items():
+                writer.add(image_id, regions)
+                regions_total += len(regions)
+            written += len(images)
+            progress.advance(len(batch))
+    return {"images": written, "regions": regions_total}
+
+
+def _remove_leftovers(out_dir: Path, names: Sequence[str]) -> None:
+    """Temporary files of an interrupted earlier run (atomic writes that never reached their rename)."""
+    for name in names:
+        for leftover in out_dir.glob(f"{name}.tmp-*"):
+            leftover.unlink(missing_ok=True)
+
+
+def _check_config(regions_cfg: Mapping[str, Any], ds: CocoFormatDataset) -> None:
+    if ds.instances_coco is None:
+        raise DataError("extracting regions needs an instances JSON (boxes and categories) to train the backbone; "
+                        "set dataset.coco_format.instances")
+    if regions_cfg["boxes"] == "detector" and regions_cfg["tags"] == "gold":
+        raise ConfigError("config key 'regions.tags': 'gold' needs regions.boxes=gold (detector boxes carry no "
+                          "annotated category); use regions.tags=predicted")
+
+
+def extract_region_features(cfg: Mapping[str, Any], dataset_dir: Path | str, out_dir: Path | str,
+                            log: Log = print) -> dict[str, Any]:
+    """Run the whole step; returns a summary (regions per split, images skipped, val accuracy, seconds)."""
+    started = time.monotonic()
+    rcfg, bcfg = cfg["regions"], cfg["regions"]["backbone"]
+    ds = open_prepared(dataset_dir)
+    _check_config(rcfg, ds)
+    out_dir = Path(out_dir)
+    splits = sorted(set(ds.splits.values()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out_dir, [f"{s}.h5" for s in splits] + [BACKBONE_FILE, METRICS_FILE, SKIPPED_FILE])
+    detector = TorchvisionDetector(rcfg["max_regions"]) if rcfg["boxes"] == "detector" else None
+
+    reader = ImageReader(ds, rcfg["on_bad_image"])
+    examples = _scan(ds, reader, rcfg["max_regions"], bcfg["crop_size"], log)
+    categories = category_names(ds.instances_coco)
+    vocabularies = _vocabularies(categories, examples["train"])
+    epochs = Progress("train backbone", bcfg["epochs"], "epochs", log)
+    train, val = (examples[split].encode(vocabularies, bcfg["crop_size"]) for split in ("train", "val"))
+    model, metrics = train_backbone(
+        train, val, vocabularies, feature_dim=rcfg["feature_dim"], crop_size=bcfg["crop_size"], epochs=bcfg["epochs"],
+        batch_size=bcfg["batch_size"], lr=bcfg["lr"], seed=cfg["seed"],
+        on_epoch=lambda epoch, loss: epochs.advance(note=f", loss {loss:.4f}"))
+    log(f"backbone val accuracy: {metrics['val_accuracy']}")
+    save_backbone(model, out_dir / BACKBONE_FILE)
+    atomic_write_json(out_dir / METRICS_FILE, metrics)
+
+    source = _RegionSource(ds, model, categories, rcfg["max_regions"], rcfg["tags"] == "gold", detector)
+    attrs = {"config_hash": config_hash(cfg, ["seed", "regions", *dataset_keys(cfg)]),
+             "boxes": rcfg["boxes"], "tags": rcfg["tags"]}
+    counts = {split: _write_store(out_dir / f"{split}.h5", split, ds.image_ids(split), reader, source, attrs, log)
+              for split in splits}
+    skipped = [reader.skipped[i] for i in sorted(reader.skipped)]
+    atomic_write_json(out_dir / SKIPPED_FILE, skipped)
+    return {"splits": counts, "skipped": len(skipped), "val_accuracy": metrics["val_accuracy"],
+            "seconds": round(time.monotonic() - started, 1)}
