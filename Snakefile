@@ -18,6 +18,7 @@ configfile: f"{workflow.basedir}/configs/default.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/concepts.smk"
+include: "workflow/rules/regions.smk"
 
 
 rule all:
@@ -25,3 +26,4 @@ rule all:
     input:
         dataset_dir(),
         concept_outputs(),
+        regions_dir(),

@@ -44,6 +44,11 @@ def concept_outputs():
     return outputs
 
 
+def regions_dir():
+    """The region stores (one HDF5 file per split), backbone and skipped-image manifest of the dataset."""
+    return f"results/{DATASET}/regions"
+
+
 def config_args():
     """`--root` and the overrides to hand to `mvptr`, shell-quoted: a rule's command may run in another
     working directory (--directory, a cluster node) and must compose the same config."""
