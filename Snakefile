@@ -19,6 +19,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/concepts.smk"
 include: "workflow/rules/regions.smk"
+include: "workflow/rules/pretrain.smk"
 
 
 rule all:
@@ -27,3 +28,9 @@ rule all:
         dataset_dir(),
         concept_outputs(),
         regions_dir(),
+        stage_outputs(),
+
+
+rule pretrain_only:
+    input:
+        stage_outputs(),

@@ -13,10 +13,12 @@ from snakemake.utils import validate
 
 from mvptr.config import (
     compose,
+    config_hash,
     dataset_dir as config_dataset_dir,
     overrides_from,
     read_yaml,
 )
+from mvptr.train.stages import stage1_keys
 
 ROOT = Path(workflow.basedir)
 BASE = read_yaml(ROOT / "configs" / "default.yaml")
@@ -24,11 +26,20 @@ OVERRIDES = overrides_from(config, BASE)
 CONFIG = compose(BASE, OVERRIDES, ROOT)
 validate(CONFIG, "../schemas/config.schema.yaml")
 DATASET = config_dataset_dir(CONFIG).name
+# Every ablation that runs, composed like `mvptr ... ablation=<name>`, and the hash of its stage-one keys:
+# ablations with the same hash share one stage-one job.
+ABLATIONS = {
+    name: compose(BASE, [*OVERRIDES, f"ablation={name}"], ROOT)
+    for name in CONFIG["ablations"]
+}
+STAGE1 = {name: config_hash(cfg, stage1_keys(cfg)) for name, cfg in ABLATIONS.items()}
 
 
 # Only the configured dataset can be built: its folder name carries the hash of the keys that shape it.
 wildcard_constraints:
     dataset=re.escape(DATASET),
+    ablation="|".join(re.escape(name) for name in ABLATIONS),
+    stage1="|".join(sorted(set(STAGE1.values()))),
 
 
 def dataset_dir():
@@ -49,7 +60,44 @@ def regions_dir():
     return f"results/{DATASET}/regions"
 
 
-def config_args():
-    """`--root` and the overrides to hand to `mvptr`, shell-quoted: a rule's command may run in another
-    working directory (--directory, a cluster node) and must compose the same config."""
-    return " ".join(shlex.quote(item) for item in ["--root", str(ROOT), *OVERRIDES])
+def concepts_file():
+    return f"results/{DATASET}/concepts/concepts.json"
+
+
+def vocab_file():
+    return f"results/{DATASET}/concepts/concept_vocab.json"
+
+
+def stage1_dir(ablation):
+    """Stage-one outputs of an ablation: keyed by the hash of the config keys that affect stage one."""
+    return f"results/{DATASET}/pretrain/stage1-{STAGE1[ablation]}"
+
+
+def stage2_dir(ablation):
+    return f"results/{DATASET}/{ablation}/pretrain_stage2"
+
+
+def stage1_ablation(wildcards):
+    """The first ablation whose stage one has this hash (they all compute the same thing)."""
+    return next(name for name, digest in STAGE1.items() if digest == wildcards.stage1)
+
+
+def stage_outputs(ablations=None):
+    """Both stages' outputs of the given (default: every running) ablations."""
+    names = ablations or list(ABLATIONS)
+    return [
+        f"{folder}/{name}"
+        for ablation in names
+        for folder in (stage1_dir(ablation), stage2_dir(ablation))
+        for name in ("model.safetensors", "metrics.json", "loss_curves.png")
+    ]
+
+
+def config_args(ablation=None):
+    """`--root` and the overrides to hand to `mvptr` (plus `ablation=<name>`), shell-quoted: a rule's command
+    may run in another working directory (--directory, a cluster node) and must compose the same config.
+    """
+    extra = [f"ablation={ablation}"] if ablation else []
+    return " ".join(
+        shlex.quote(item) for item in ["--root", str(ROOT), *OVERRIDES, *extra]
+    )

@@ -1,0 +1,64 @@
+"""`mvptr pretrain stage ...`: run one pre-training stage through submitit and write the rule's outputs.
+
+    mvptr pretrain stage --stage 1|2 --dataset DIR --concepts FILE --vocab FILE --regions DIR \
+        --ckpt-dir DIR --job-dir DIR --out DIR [--init-weights FILE] [key=value ...]
+
+The stage runs as a submitit job (`launch.cluster`: local, slurm or debug), whose id is kept in --job-dir
+(next to the rule's log) so that a restarted rule re-attaches to it; the job checkpoints into --ckpt-dir and
+resumes from it. Only when the job succeeds are the outputs written, each atomically, into --out:
+    model.safetensors   the stage's weights
+    metrics.json        tasks, steps, final losses, loss history, seconds (stage two: zero-shot retrieval)
+    loss_curves.png     every task's loss against the step
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from mvptr.atomic import atomic_write_bytes, atomic_write_json
+from mvptr.config import add_config_arguments, config_from_args
+
+
+def cmd_stage(args: argparse.Namespace) -> None:
+    from mvptr.launch.launcher import LaunchSettings, launch
+    from mvptr.train.curves import loss_curves_png
+    from mvptr.train.job import StageJob
+    from mvptr.train.loop import FINAL_WEIGHTS, StagePaths
+
+    cfg = config_from_args(args)
+    paths = StagePaths(dataset=args.dataset.resolve(), concepts=args.concepts.resolve(), vocab=args.vocab.resolve(),
+                       regions=args.regions.resolve(), ckpt_dir=args.ckpt_dir.resolve(),
+                       init_weights=args.init_weights.resolve() if args.init_weights else None)
+    settings = LaunchSettings.from_config(cfg["launch"])
+    result = launch(StageJob(cfg, args.stage, paths), name=f"pretrain_stage{args.stage}", folder=args.job_dir,
+                    settings=settings)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "model.safetensors.tmp"
+    shutil.copyfile(paths.ckpt_dir / FINAL_WEIGHTS, tmp)
+    tmp.replace(out / "model.safetensors")
+    atomic_write_bytes(out / "loss_curves.png", loss_curves_png(result["history"], f"pretrain stage {args.stage}"))
+    atomic_write_json(out / "metrics.json", result)
+    summary = {k: result[k] for k in ("stage", "tasks", "steps", "seconds")}
+    if "zero_shot" in result:
+        summary["zero_shot_r_at_1"] = {k: round(v, 2) for k, v in result["zero_shot"]["recalls"].items()
+                                       if "_r_at_1" in k}
+    print(json.dumps(summary, sort_keys=True))
+
+
+def register(groups: argparse._SubParsersAction) -> None:
+    pretrain = groups.add_parser("pretrain", help="pre-training stages").add_subparsers(dest="cmd", required=True)
+    stage = pretrain.add_parser("stage", help="run one pre-training stage through submitit")
+    stage.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    for name, what in (("dataset", "prepared dataset folder"), ("concepts", "concepts.json"),
+                       ("vocab", "concept_vocab.json"), ("regions", "folder of the region stores")):
+        stage.add_argument(f"--{name}", type=Path, required=True, help=what)
+    stage.add_argument("--init-weights", type=Path, default=None, help="stage two: the stage-one model.safetensors")
+    stage.add_argument("--ckpt-dir", type=Path, required=True, help="resumable training state (kept across reruns)")
+    stage.add_argument("--job-dir", type=Path, required=True, help="submitit folder and job id (beside the log)")
+    stage.add_argument("--out", type=Path, required=True, help="folder of model.safetensors, metrics.json, png")
+    add_config_arguments(stage)
+    stage.set_defaults(func=cmd_stage)

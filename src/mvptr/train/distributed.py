@@ -1,0 +1,82 @@
+"""Ranks and devices of a training process, and the order in which it reads the data.
+
+Why: the same loop runs as one CPU process (the demo, the tests), as 2 gloo processes (the DDP test on this
+2-core machine) and as N NCCL processes on GPUs started by submitit (`TorchDistributedEnvironment`), never
+torchrun. A job started by submitit with several tasks exports MASTER_ADDR/RANK/WORLD_SIZE from its
+JobEnvironment; a process started otherwise with those variables set (a test) joins the same way.
+
+The batch order is a pure function of (seed, step): epoch e shuffles the pairs with a generator seeded by
+(seed, e), global batch b is the next `batch_size` indices, and rank r takes every world-th of them. A run
+resumed at step s therefore reads exactly the batches a straight run reads, on any number of ranks.
+
+Use:
+    env = setup_distributed()          # Env(rank, world_size, local_rank, device)
+    indices = batch_indices(n, batch_size, step, seed, env.rank, env.world_size)
+    teardown_distributed()
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Env:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _submitit_tasks() -> int:
+    """Number of tasks of the submitit job this process belongs to (0 outside a submitit job)."""
+    try:
+        import submitit
+
+        return submitit.JobEnvironment().num_tasks
+    except RuntimeError:  # not inside a submitit job
+        return 0
+
+
+def setup_distributed() -> Env:
+    """Join the process group when there is more than one process (NCCL on GPU, gloo on CPU)."""
+    if _submitit_tasks() > 1 and "RANK" not in os.environ:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world_size)
+    return Env(rank, world_size, local_rank, device)
+
+
+def teardown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def batch_indices(num_items: int, batch_size: int, step: int, seed: int, rank: int = 0,
+                  world_size: int = 1) -> list[int]:
+    """This rank's share of global batch `step` (epochs of `num_items // batch_size` full batches)."""
+    if batch_size % world_size:
+        raise ValueError(f"batch_size {batch_size} does not divide among {world_size} ranks")
+    per_epoch = num_items // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} is larger than the {num_items} training pairs")
+    epoch, within = divmod(step, per_epoch)
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    batch = order[within * batch_size:(within + 1) * batch_size]
+    return batch[rank::world_size].tolist()

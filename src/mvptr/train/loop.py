@@ -1,0 +1,267 @@
+"""The pre-training loop of one stage: resumable, deterministic on CPU, distributed with DDP.
+
+Why: both MVPTR stages (and the joint ablation) are the same loop over different task lists
+(`mvptr.train.objectives`). It resumes from the stage's checkpoint directory wherever it was stopped
+(SIGKILL, preemption, timeout) and then computes exactly what a straight run computes: the data position
+is a function of the step (`batch_indices`), and every random state is checkpointed. bf16 autocast on CUDA,
+fp32 on CPU. Rank 0 logs every task's loss, the learning rate and samples/s to MLflow every `log_every`
+steps and, with an ETA, to the job's log.
+
+Outputs in the checkpoint directory (the calling command copies them to the rule's outputs on success):
+    state.pt            resumable training state (`mvptr.train.checkpoint`)
+    run.json            the MLflow run id, kept from the first start so that a resumed job reuses its run
+    final.safetensors   the stage's weights, written (atomically) once the last step is done
+
+Use (inside a submitit job, or directly on CPU):
+    result = train_stage(cfg, 2, StagePaths(dataset, concepts, vocab, regions, ckpt_dir, init_weights=stage1))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_model, save_model
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from mvptr.atomic import atomic_write_json
+from mvptr.data.pairs import PairDataset, PairInputs, collate
+from mvptr.models.mvptr import MVPTRConfig, MVPTRModel, load_pretrained_bert
+from mvptr.train.checkpoint import load_state, save_state
+from mvptr.train.distributed import Env, batch_indices, setup_distributed
+from mvptr.train.objectives import PretrainStep
+from mvptr.train.stages import stage_tasks
+from mvptr.train.optim import build_optimizer
+
+Log = Callable[[str], None]
+FINAL_WEIGHTS = "final.safetensors"
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    """The artifacts a stage reads, and its checkpoint directory."""
+
+    dataset: Path
+    concepts: Path
+    vocab: Path
+    regions: Path  # folder of {split}.h5
+    ckpt_dir: Path
+    init_weights: Path | None = None  # stage two: the stage-one weights
+
+
+def build_model(cfg: Mapping[str, Any], vocab_size: int, region_feature_dim: int) -> MVPTRModel:
+    """A fresh model, identical on every rank (initialised from the config's seed)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg["seed"])
+        return MVPTRModel(MVPTRConfig.from_config(cfg, vocab_size=vocab_size, region_feature_dim=region_feature_dim))
+
+
+def initialise(model: MVPTRModel, cfg: Mapping[str, Any], stage: int, init_weights: Path | None, log: Log) -> None:
+    """Stage two starts from the stage-one weights; stage one from scratch or a BERT checkpoint."""
+    if stage == 2:
+        if init_weights is None:
+            raise ValueError("stage two needs the stage-one weights (init_weights)")
+        load_model(model, str(init_weights))
+        return
+    init = cfg["pretrain"]["init"]
+    if init == "scratch":
+        return
+    if init == "minilm":
+        from mvptr.text import tokenizer_path
+
+        init = str(tokenizer_path("minilm"))
+    report = load_pretrained_bert(model, init)
+    log(f"initialised from {init}: {len(report['loaded'])} tensors loaded, {len(report['missing'])} kept")
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "objectives": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["objectives"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _gather(obj: Any, env: Env) -> list[Any]:
+    if env.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _mean_logs(history: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for h in history for k in h})
+    return {k: sum(h[k] for h in history if k in h) / sum(k in h for h in history) for k in keys}
+
+
+class _Tracker:
+    """Rank 0's MLflow run: created on the first start (its id kept in run.json), reused on every resume."""
+
+    def __init__(self, cfg: Mapping[str, Any], stage: int, ckpt_dir: Path, env: Env) -> None:
+        self.run_id: str | None = None
+        if not env.is_main:
+            return
+        from mvptr import tracking
+
+        self._tracking = tracking
+        run_file = ckpt_dir / RUN_FILE
+        previous = json.loads(run_file.read_text())["mlflow_run_id"] if run_file.is_file() else None
+        self.run_id = tracking.open_run(cfg, stage=f"pretrain_stage{stage}", task="pretrain", run_id=previous)
+        atomic_write_json(run_file, {"mlflow_run_id": self.run_id})
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.run_id:
+            self._tracking.log_metrics(self.run_id, metrics, step)
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self.run_id:
+            self._tracking.close_run(self.run_id, status)
+
+
+def train_stage(cfg: Mapping[str, Any], stage: int, paths: StagePaths, *, log: Log = print,
+                stop_after: int | None = None) -> dict[str, Any]:
+    """Train (or resume) `stage` to `pretrain.stage{stage}.steps`; returns the stage's metrics (rank 0).
+
+    `stop_after` ends the run early after that many steps of this call (tests of resumption).
+    """
+    env = setup_distributed()
+    pcfg, scfg = cfg["pretrain"], cfg["pretrain"][f"stage{stage}"]
+    ckpt_dir = Path(paths.ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    inputs = PairInputs.from_artifacts(cfg, paths.dataset, paths.concepts, paths.vocab)
+    pairs = PairDataset(inputs, Path(paths.regions) / "train.h5", "train")
+    model = build_model(cfg, inputs.vocab_size, pairs.store.feature_dim)
+    initialise(model, cfg, stage, paths.init_weights, log)
+    model.to(env.device)
+    tasks = stage_tasks(cfg, stage)
+    total_steps = scfg["steps"] if tasks else 0
+    started = time.monotonic()
+    result: dict[str, Any] = {"stage": stage, "tasks": tasks, "steps": total_steps, "world_size": env.world_size,
+                              "train_pairs": len(pairs), "history": []}
+    if total_steps == 0:
+        log(f"stage {stage}: no task to train (schedule {pcfg['schedule']}); saving the initialised model")
+    else:
+        result.update(_train(cfg, stage, model, tasks, pairs, env, ckpt_dir, log, stop_after))
+    result["seconds"] = round(time.monotonic() - started, 1)
+    if env.is_main and result.get("completed", total_steps == 0):
+        tmp = ckpt_dir / (FINAL_WEIGHTS + ".tmp")
+        save_model(model, str(tmp))
+        tmp.replace(ckpt_dir / FINAL_WEIGHTS)
+    return result
+
+
+def distribute(step_module: PretrainStep, env: Env) -> torch.nn.Module:
+    """The step module, wrapped in DistributedDataParallel when there are several ranks."""
+    if env.world_size == 1:
+        return step_module
+    # Stage one (MCR) leaves the text and cross-modal stacks unused.
+    return DistributedDataParallel(step_module, find_unused_parameters=True)
+
+
+def _train(cfg: Mapping[str, Any], stage: int, model: MVPTRModel, tasks: list[str], pairs: PairDataset, env: Env,
+           ckpt_dir: Path, log: Log, stop_after: int | None) -> dict[str, Any]:
+    pcfg, scfg = cfg["pretrain"], cfg["pretrain"][f"stage{stage}"]
+    # Dropout draws from the global generator, the objectives' masking and sampling from their own: both are
+    # seeded per (seed, stage, rank) here and restored from the checkpoint on resume.
+    seed = cfg["seed"] * 1000 + 17 * stage + env.rank
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    step_module = distribute(PretrainStep(model, tasks, pcfg["tasks"], generator), env)
+    optimizer, scheduler = build_optimizer(model, scfg)
+    state = load_state(ckpt_dir, 0)
+    start, history = 0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, history = state["step"], state["history"]
+        if len(state["rng"]) == env.world_size:
+            _set_rng_state(state["rng"][env.rank], generator)
+        else:
+            log(f"resuming on {env.world_size} ranks a run saved on {len(state['rng'])}: fresh random states")
+        log(f"stage {stage}: resumed at step {start} from {ckpt_dir}")
+    tracker = _Tracker(cfg, stage, ckpt_dir, env)
+    steps, accum = scfg["steps"], pcfg["grad_accum"]
+    end = steps if stop_after is None else min(steps, start + stop_after)
+    micro = scfg["batch_size"] // env.world_size // accum
+    if micro * accum * env.world_size != scfg["batch_size"]:
+        raise ValueError(f"pretrain.stage{stage}.batch_size {scfg['batch_size']} must divide by grad_accum "
+                         f"{accum} x {env.world_size} ranks")
+    loader = DataLoader(pairs, batch_sampler=_micro_batches(len(pairs), scfg["batch_size"], micro, start, end, cfg,
+                                                           env), collate_fn=collate,
+                        num_workers=pcfg["num_workers"],
+                        # Its own generator: a loader draws its workers' base seed when iterated, and a draw from
+                        # the global generator would shift every later dropout mask of a resumed run.
+                        generator=torch.Generator().manual_seed(seed))
+    batches = iter(loader)
+    window: list[dict[str, float]] = []
+    tick, tick_step = time.monotonic(), start
+    use_bf16 = env.device.type == "cuda"
+    for step in range(start, end):
+        step_module.train()
+        for k in range(accum):
+            batch = {key: value.to(env.device, non_blocking=True) for key, value in next(batches).items()}
+            sync = k == accum - 1 or env.world_size == 1
+            context = step_module.no_sync() if not sync else contextlib.nullcontext()
+            with context, torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss, logs = step_module(batch)
+                (loss / accum).backward()
+            window.append({k2: float(v) for k2, v in logs.items()})
+        if pcfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), pcfg["grad_clip"])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % pcfg["log_every"] == 0 or done == steps:
+            now = time.monotonic()
+            rate = (done - tick_step) * scfg["batch_size"] / max(now - tick, 1e-9)
+            metrics = {**_mean_logs(window), "lr": scheduler.get_last_lr()[0], "samples_per_s": rate}
+            history.append({"step": done, **metrics})
+            tracker.log(metrics, done)
+            eta = (steps - done) * scfg["batch_size"] / max(rate, 1e-9)
+            log(f"stage {stage} step {done}/{steps} ({100 * done / steps:.0f}%) loss {metrics['loss']:.4f} "
+                f"lr {metrics['lr']:.2e} {rate:.0f} pairs/s ETA {eta:.0f}s")
+            window, tick, tick_step = [], now, done
+        if done % pcfg["checkpoint_every"] == 0 or done == end:
+            rng = _gather(_rng_state(generator), env)
+            if env.is_main:
+                save_state(ckpt_dir, 0, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                         "scheduler": scheduler.state_dict(), "step": done, "history": history,
+                                         "rng": rng, "mlflow_run_id": tracker.run_id or ""})
+            if env.world_size > 1:
+                dist.barrier()
+    completed = end == steps
+    if completed:
+        tracker.close()
+    final = history[-1] if history else {}
+    return {"completed": completed, "history": history,
+            "final": {k: v for k, v in final.items() if k != "step" and not math.isnan(v)},
+            "mlflow_run_id": tracker.run_id}
+
+
+def _micro_batches(num_items: int, batch_size: int, micro: int, start: int, end: int, cfg: Mapping[str, Any],
+                   env: Env) -> list[list[int]]:
+    """This rank's micro-batches of steps [start, end), in order."""
+    out = []
+    for step in range(start, end):
+        mine = batch_indices(num_items, batch_size, step, cfg["seed"], env.rank, env.world_size)
+        out += [mine[i:i + micro] for i in range(0, len(mine), micro)]
+    return out

@@ -1,0 +1,214 @@
+"""Tests of pre-training (mvptr.train): determinism, SIGKILL + resume, gloo DDP gradients, stages and sharing.
+
+The artifacts (tiny synthetic world, concepts, vocabulary, region stores) are built once per module through
+the `mvptr` CLI, as the workflow builds them; the model is shrunk to 1+1+1 layers at width 32 so that a step
+takes milliseconds. Run: `.venv/bin/pytest tests/test_train.py` (about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_mvptr
+from mvptr.config import config_hash, load_config
+from mvptr.train.loop import FINAL_WEIGHTS, StagePaths, train_stage
+from mvptr.train.stages import stage1_keys, stage_tasks
+
+SMALL = ["model.hidden_size=32", "model.num_text_layers=1", "model.num_visual_layers=1", "model.num_cross_layers=1",
+         "model.num_attention_heads=2", "model.intermediate_size=64", "pretrain.log_every=1",
+         "pretrain.stage1.batch_size=8", "pretrain.stage2.batch_size=8", "pretrain.checkpoint_every=5",
+         "pretrain.stage1.steps=3", "pretrain.stage2.steps=20", "pretrain.stage2.warmup_steps=2"]
+
+
+def quiet(_: str) -> None:
+    """A `log` that prints nothing."""
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("artifacts")
+    world, concepts, vocab, regions = root / "world", root / "concepts.json", root / "vocab.json", root / "regions"
+    run_mvptr("data", "synth", "--size", "tiny", "--seed", "0", "--out", str(world), check=True)
+    run_mvptr("concepts", "extract", "--dataset", str(world), "--out", str(concepts), "--n-process", "1",
+              "concepts.min_count=2", check=True)
+    run_mvptr("concepts", "vocab", "--dataset", str(world), "--concepts", str(concepts), "--out", str(vocab),
+              "concepts.min_count=2", check=True)
+    run_mvptr("regions", "extract", "--dataset", str(world), "--out", str(regions), "regions.backbone.epochs=2",
+              check=True)
+    return {"dataset": world, "concepts": concepts, "vocab": vocab, "regions": regions}
+
+
+def paths(artifacts: dict[str, Path], ckpt_dir: Path, init: Path | None = None) -> StagePaths:
+    return StagePaths(artifacts["dataset"], artifacts["concepts"], artifacts["vocab"], artifacts["regions"], ckpt_dir,
+                      init_weights=init)
+
+
+@pytest.fixture(scope="module")
+def stage1(artifacts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ckpt = tmp_path_factory.mktemp("stage1")
+    train_stage(load_config(SMALL), 1, paths(artifacts, ckpt), log=quiet)
+    return ckpt / FINAL_WEIGHTS
+
+
+def test_same_seed_gives_identical_losses_and_every_task_is_logged(artifacts, stage1, tmp_path):
+    cfg = load_config([*SMALL, "pretrain.stage2.steps=4"])
+    first = train_stage(cfg, 2, paths(artifacts, tmp_path / "a", stage1), log=quiet)
+    second = train_stage(cfg, 2, paths(artifacts, tmp_path / "b", stage1), log=quiet)
+    assert [h["loss"] for h in first["history"]] == [h["loss"] for h in second["history"]]
+    assert {"loss_vsc", "loss_itm", "loss_mlm", "loss_wpg", "lr", "samples_per_s"} <= set(first["history"][0])
+    other = train_stage(load_config([*SMALL, "pretrain.stage2.steps=4", "seed=1"]), 2,
+                        paths(artifacts, tmp_path / "c", stage1), log=quiet)
+    assert [h["loss"] for h in other["history"]] != [h["loss"] for h in first["history"]]
+
+
+def test_stage_one_trains_mcr_on_the_visual_side_only(artifacts, stage1, tmp_path):
+    cfg = load_config(SMALL)
+    result = train_stage(cfg, 1, paths(artifacts, tmp_path / "s1"), log=quiet)
+    assert result["tasks"] == ["mcr"] and set(result["history"][0]) >= {"loss_mcr"}
+    trained = load_file(str(tmp_path / "s1" / FINAL_WEIGHTS))
+    torch.manual_seed(0)
+    from mvptr.train.loop import build_model
+
+    fresh = build_model(cfg, trained["embeddings.word_embeddings.weight"].shape[0],
+                        trained["region_embeddings.0.weight"].shape[1] - 6).state_dict()
+    # The text and cross-modal stacks receive no gradient in stage one; the visual stack does.
+    assert torch.equal(trained["text_encoder.layer.0.output.dense.weight"], fresh["text_encoder.layer.0.output.dense.weight"])
+    assert torch.equal(trained["cross_encoder.layer.0.output.dense.weight"],
+                       fresh["cross_encoder.layer.0.output.dense.weight"])
+    assert not torch.equal(trained["visual_encoder.layer.0.output.dense.weight"],
+                           fresh["visual_encoder.layer.0.output.dense.weight"])
+
+
+CHILD = """
+import sys, time
+from pathlib import Path
+from mvptr.config import load_config
+from mvptr.train.loop import StagePaths, train_stage
+
+def log(line):
+    print(line, flush=True)
+    if "step 12/" in line:
+        time.sleep(120)   # the parent kills us here: steps 11-12 are done but not checkpointed
+
+args = [Path(a) for a in sys.argv[1:7]]
+train_stage(load_config(sys.argv[7:]), 2, StagePaths(*args[:5], init_weights=args[5]), log=log)
+"""
+
+
+def test_sigkill_and_resume_gives_the_weights_of_a_straight_run(artifacts, stage1, tmp_path):
+    cfg = load_config(SMALL)
+    straight = train_stage(cfg, 2, paths(artifacts, tmp_path / "straight", stage1), log=quiet)
+    assert straight["completed"]
+
+    ckpt = tmp_path / "killed"
+    argv = [str(artifacts[k]) for k in ("dataset", "concepts", "vocab", "regions")] + [str(ckpt), str(stage1), *SMALL]
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(CHILD), *argv], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    seen = []
+    for line in child.stdout:
+        seen.append(line)
+        if "step 12/" in line:
+            break
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert any("step 12/" in line for line in seen), "".join(seen)
+    assert not (ckpt / FINAL_WEIGHTS).exists()
+    killed_run = json.loads((ckpt / "run.json").read_text())["mlflow_run_id"]
+    messages = []
+    resumed = train_stage(cfg, 2, paths(artifacts, ckpt, stage1), log=messages.append)
+    assert any("resumed at step 10" in m for m in messages)
+    # The resumed job continues the killed job's MLflow run.
+    assert resumed["completed"] and resumed["mlflow_run_id"] == killed_run != straight["mlflow_run_id"]
+    a, b = load_file(str(tmp_path / "straight" / FINAL_WEIGHTS)), load_file(str(ckpt / FINAL_WEIGHTS))
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_step_gradients(rank: int, world_size: int, port: int, artifacts: dict[str, Path], stage1: Path,
+                          out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from safetensors.torch import load_model
+
+    from mvptr.data.pairs import PairDataset, PairInputs, collate
+    from mvptr.train.distributed import batch_indices, setup_distributed, teardown_distributed
+    from mvptr.train.loop import build_model, distribute
+    from mvptr.train.objectives import PretrainStep
+
+    cfg = load_config([*SMALL, "model.dropout=0"])
+    env = setup_distributed()
+    inputs = PairInputs.from_artifacts(cfg, artifacts["dataset"], artifacts["concepts"], artifacts["vocab"])
+    pairs = PairDataset(inputs, artifacts["regions"] / "train.h5", "train")
+    model = build_model(cfg, inputs.vocab_size, pairs.store.feature_dim)
+    load_model(model, str(stage1))
+    step = distribute(PretrainStep(model, ["vsc"], cfg["pretrain"]["tasks"]), env)
+    indices = batch_indices(len(pairs), 8, 0, cfg["seed"], env.rank, env.world_size)
+    loss, _ = step(collate([pairs[i] for i in indices]))
+    loss.backward()
+    if env.rank == 0:
+        torch.save({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, out)
+    teardown_distributed()
+
+
+def test_two_gloo_ranks_give_the_gradients_of_one_process_with_the_global_batch(artifacts, stage1, tmp_path):
+    """VSC gathers every rank's embeddings: with 2 x 4 pairs the gradient must equal 1 x 8 pairs."""
+    mp.start_processes(_first_step_gradients, args=(2, _free_port(), artifacts, stage1, tmp_path / "ddp.pt"),
+                       nprocs=2, start_method="spawn")
+    mp.start_processes(_first_step_gradients, args=(1, _free_port(), artifacts, stage1, tmp_path / "one.pt"),
+                       nprocs=1, start_method="spawn")
+    ddp, one = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "one.pt")
+    assert ddp.keys() == one.keys() and len(one) > 10
+    for name in one:
+        torch.testing.assert_close(ddp[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_stage_tasks_follow_schedule_and_weights():
+    cfg = load_config()
+    assert stage_tasks(cfg, 1) == ["mcr"] and stage_tasks(cfg, 2) == ["vsc", "itm", "mlm", "wpg"]
+    joint = load_config(["ablation=joint"])
+    assert stage_tasks(joint, 1) == [] and stage_tasks(joint, 2) == ["mcr", "vsc", "itm", "mlm", "wpg"]
+    assert "wpg" not in stage_tasks(load_config(["ablation=no_wpg"]), 2)
+
+
+def test_stage_one_hash_is_shared_exactly_by_ablations_that_change_only_stage_two():
+    def digest(name: str) -> str:
+        cfg = load_config([f"ablation={name}"])
+        return config_hash(cfg, stage1_keys(cfg))
+
+    assert digest("full") == digest("no_wpg") == digest("no_itm_hard") == digest("no_vsc")
+    assert len({digest("full"), digest("joint"), digest("no_mcr"), digest("no_concepts")}) == 4
+    cfg = load_config(["pretrain.stage1.lr=0.1"])
+    assert config_hash(cfg, stage1_keys(cfg)) != digest("full")
+
+
+def test_cli_runs_a_stage_through_submitit_and_writes_outputs(artifacts, stage1, tmp_path):
+    out = tmp_path / "out"
+    proc = run_mvptr("pretrain", "stage", "--stage", "2", *(f"--{k}={artifacts[k]}" for k in
+                                                            ("dataset", "concepts", "vocab", "regions")),
+                     f"--init-weights={stage1}", f"--ckpt-dir={tmp_path / 'ckpt'}", f"--job-dir={tmp_path / 'job'}",
+                     f"--out={out}", *SMALL, "pretrain.stage2.steps=3", "launch.cluster=local", check=True)
+    assert (out / "model.safetensors").stat().st_size > 0 and (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and "zero_shot" in metrics and "tr_r_at_1" in metrics["zero_shot"]["recalls"]
+    assert (tmp_path / "job" / "job.json").is_file(), proc.stdout

@@ -1,0 +1,61 @@
+"""Pre-training rules: stage one (keyed by the hash of the keys that affect it, shared by ablations) and stage
+two (per ablation). Each submits its stage through submitit (`launch.*` config, set by the profile) and
+resumes from its checkpoint directory, a `params:` entry that Snakemake never deletes.
+"""
+
+
+rule pretrain_stage1:
+    input:
+        dataset="resources/datasets/{dataset}",
+        concepts="results/{dataset}/concepts/concepts.json",
+        vocab="results/{dataset}/concepts/concept_vocab.json",
+        regions="results/{dataset}/regions",
+    output:
+        model="results/{dataset}/pretrain/stage1-{stage1}/model.safetensors",
+        metrics="results/{dataset}/pretrain/stage1-{stage1}/metrics.json",
+        curves="results/{dataset}/pretrain/stage1-{stage1}/loss_curves.png",
+    log:
+        "results/logs/pretrain_stage1/{dataset}/stage1-{stage1}.log",
+    benchmark:
+        "results/benchmarks/rules/pretrain_stage1/{dataset}/stage1-{stage1}.tsv"
+    conda:
+        "../../environment.yml"
+    params:
+        ckpt_dir="results/{dataset}/checkpoints/stage1-{stage1}",
+        job_dir="results/logs/pretrain_stage1/{dataset}/stage1-{stage1}.submitit",
+        out="results/{dataset}/pretrain/stage1-{stage1}",
+        config=lambda wildcards: config_args(stage1_ablation(wildcards)),
+    shell:
+        "MVPTR_RULE=pretrain_stage1 mvptr pretrain stage --stage 1 --dataset {input.dataset} "
+        "--concepts {input.concepts} --vocab {input.vocab} --regions {input.regions} "
+        "--ckpt-dir {params.ckpt_dir} --job-dir {params.job_dir} --out {params.out} {params.config} "
+        "> {log} 2>&1"
+
+
+rule pretrain_stage2:
+    input:
+        dataset="resources/datasets/{dataset}",
+        concepts="results/{dataset}/concepts/concepts.json",
+        vocab="results/{dataset}/concepts/concept_vocab.json",
+        regions="results/{dataset}/regions",
+        stage1=lambda wildcards: f"{stage1_dir(wildcards.ablation)}/model.safetensors",
+    output:
+        model="results/{dataset}/{ablation}/pretrain_stage2/model.safetensors",
+        metrics="results/{dataset}/{ablation}/pretrain_stage2/metrics.json",
+        curves="results/{dataset}/{ablation}/pretrain_stage2/loss_curves.png",
+    log:
+        "results/logs/pretrain_stage2/{dataset}/{ablation}.log",
+    benchmark:
+        "results/benchmarks/rules/pretrain_stage2/{dataset}/{ablation}.tsv"
+    conda:
+        "../../environment.yml"
+    params:
+        ckpt_dir="results/{dataset}/checkpoints/{ablation}/stage2",
+        job_dir="results/logs/pretrain_stage2/{dataset}/{ablation}.submitit",
+        out="results/{dataset}/{ablation}/pretrain_stage2",
+        config=lambda wildcards: config_args(wildcards.ablation),
+    shell:
+        "MVPTR_RULE=pretrain_stage2 mvptr pretrain stage --stage 2 --dataset {input.dataset} "
+        "--concepts {input.concepts} --vocab {input.vocab} --regions {input.regions} "
+        "--init-weights {input.stage1} --ckpt-dir {params.ckpt_dir} --job-dir {params.job_dir} "
+        "--out {params.out} {params.config} > {log} 2>&1"
