@@ -1,0 +1,17 @@
+"""Downstream evaluation: the metrics papers report, and ITM re-ranking for retrieval.
+
+Why: fine-tuned models are compared by the numbers of the MVPTR protocol (METHODS.md, "Downstream"), so the
+code that computes them is kept apart from the task heads and tested on hand-computed cases:
+    metrics   retrieval R@K both ways and their sum, the official VQA v2 accuracy (answer normalisation,
+              leave-one-out over the 10 humans, soft targets, per question type), box IoU and grounding
+              accuracy, classification accuracy overall and per class
+    rerank    retrieval scoring: rank every pair by VSC similarity, then re-score only the top-k candidates
+              of each image and of each text with the cross-modal ITM head (ALBEF / MVPTR), or score every
+              pair exhaustively
+
+Use:
+    from mvptr.evaluate.metrics import retrieval_recalls, vqa_report
+    from mvptr.evaluate.rerank import itm_pair_scorer, rerank
+    result = rerank(similarity, k_text=128, k_image=64, pair_scores=itm_pair_scorer(model, ...))
+    metrics = retrieval_recalls(result.i2t, text_to_image, t2i_scores=result.t2i)
+"""
