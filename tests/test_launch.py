@@ -4,8 +4,8 @@ The workload is `Toy`, a Checkpointable that counts steps into a state file and 
 trainer resumes from its checkpoint; each start appends "pid first-step" to starts.txt, so a test can tell
 whether a job re-attached (one start), resumed (a second start past step 0) or restarted (a second start at 0).
 
-The SLURM tests bring up the single-node test cluster with /work/shared/slurm/slurm_up.sh (as root; it is
-idempotent) and leave it running for other tests: stop it with /work/shared/slurm/slurm_down.sh.
+The SLURM tests bring up the single-node test cluster with ../shared/slurm/slurm_up.sh (as root; it is
+idempotent; $MVPTR_SLURM_UP names another copy) and leave it running for other tests: stop it with slurm_down.sh.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from mvptr.launch import LaunchError, LaunchSettings, launch, read_job_record
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-SLURM_UP = Path("/work/shared/slurm/slurm_up.sh")
+# The shared scripts sit beside the checkout (../shared); CI may point elsewhere with MVPTR_SLURM_UP.
+SLURM_UP = Path(os.environ.get("MVPTR_SLURM_UP", ROOT.parent / "shared" / "slurm" / "slurm_up.sh"))
 LOCAL = LaunchSettings(cluster="local", timeout_min=5, poll_seconds=0.1)
 
 

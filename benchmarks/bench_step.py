@@ -1,0 +1,124 @@
+"""Time of one stage-two pre-training step next to a bare transformers `BertModel` forward+backward.
+
+Why: the ratio is the overhead of everything MVPTR adds around plain BERT layers: three stacks instead of one,
+the hard-negative ITM pass, the second (masked) text pass of MLM, WPG's grounding scores, the masking and
+negative mining. Both sides run in the same process on the same device, the same width and total depth
+(text + visual + cross layers), the same batch and the same number of tokens (text + tags + regions), so the
+machine's noise cancels in the ratio.
+
+    ours   PretrainStep(vsc, itm, mlm, wpg) forward + backward (stage two, the config's options)
+    bare   BertModel(num_hidden_layers = text + visual + cross) forward + backward of sum(last_hidden_state)
+           on (batch, text + tags + regions) tokens
+
+Run: `.venv/bin/python benchmarks/bench_step.py [--model tiny|bert_base] [--batch 64] [--regions 10]
+[--steps 10] [--device cpu|cuda]` (CUDA: bf16 autocast, as the trainer). Writes
+`results/benchmarks/step_<model>_<device>.json` (atomically) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import BertConfig, BertModel
+
+from mvptr.atomic import atomic_write_json
+from mvptr.config import load_config, project_root
+from mvptr.models.mvptr import MVPTRConfig, MVPTRModel
+from mvptr.train.objectives import PretrainStep
+from mvptr.train.stages import stage_tasks
+
+VOCAB = 30522 + 200  # the tokenizer's word pieces + concept rows
+
+
+def random_batch(batch: int, text: int, tags: int, regions: int, feature_dim: int, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (batch, text), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    concept_mask = torch.zeros(batch, text, dtype=torch.bool)
+    concept_mask[:, -6:-1] = True  # 5 concept slots before [SEP]
+    links = torch.zeros(batch, text, text, dtype=torch.bool)
+    links[:, -6:-1, 1:6] = True
+    tag_ids = torch.randint(1000, 30000, (batch, tags), generator=g)
+    tag_ids[:, 0], tag_ids[:, -1] = 101, 102
+    out = {"input_ids": ids, "attention_mask": torch.ones(batch, text, dtype=torch.long), "concept_mask": concept_mask,
+           "concept_links": links, "tag_ids": tag_ids, "tag_mask": torch.ones(batch, tags, dtype=torch.long),
+           "region_feats": torch.randn(batch, regions, feature_dim, generator=g).half(),
+           "region_boxes": torch.rand(batch, regions, 6, generator=g),
+           "region_mask": torch.ones(batch, regions, dtype=torch.long),
+           "image_ids": torch.arange(batch), "caption_ids": torch.arange(batch)}
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def seconds_per_step(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    step()  # warm-up (allocations, kernels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="a layer of configs/models/ (tiny, bert_base)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--regions", type=int, default=10, help="regions per image (MVPTR: up to 50)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cfg = load_config([f"model.name={args.model}"])
+    mcfg, pcfg = cfg["model"], cfg["pretrain"]
+    text = 2 + pcfg["max_words"] + pcfg["max_concepts"]
+    tags, feature_dim = pcfg["max_tags"], cfg["regions"]["feature_dim"]
+    torch.manual_seed(0)
+    # Built without the tokenizer (random ids need none; the special ids keep BERT's uncased defaults), so the
+    # benchmark runs where the packaged vocabulary is not installed (a GPU machine with torch + transformers).
+    fields = {f.name for f in dataclasses.fields(MVPTRConfig)}
+    config = MVPTRConfig(vocab_size=VOCAB, region_feature_dim=feature_dim,
+                         **{k: v for k, v in mcfg.items() if k in fields})
+    model = MVPTRModel(config).to(device)
+    ours = PretrainStep(model, stage_tasks(cfg, 2), pcfg["tasks"], torch.Generator().manual_seed(0))
+    batch = random_batch(args.batch, text, tags, args.regions, feature_dim, device)
+    layers = mcfg["num_text_layers"] + mcfg["num_visual_layers"] + mcfg["num_cross_layers"]
+    bare = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=mcfg["hidden_size"], num_hidden_layers=layers,
+                                num_attention_heads=mcfg["num_attention_heads"],
+                                intermediate_size=mcfg["intermediate_size"], attn_implementation="sdpa")).to(device)
+    tokens = text + tags + args.regions
+    bare_ids = torch.randint(1000, 30000, (args.batch, tokens), device=device)
+    bf16 = device.type == "cuda"
+
+    def our_step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = ours(batch)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def bare_step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = bare(input_ids=bare_ids).last_hidden_state.float().sum()
+        loss.backward()
+        bare.zero_grad(set_to_none=True)
+
+    ours_s, bare_s = seconds_per_step(our_step, args.steps, device), seconds_per_step(bare_step, args.steps, device)
+    result = {"model": args.model, "device": str(device), "dtype": "bf16" if bf16 else "fp32",
+              "threads": torch.get_num_threads(), "batch": args.batch, "layers": layers,
+              "hidden": mcfg["hidden_size"], "tokens": {"text": text, "tags": tags, "regions": args.regions},
+              "tasks": stage_tasks(cfg, 2), "steps": args.steps,
+              "mvptr_stage2_step_s": round(ours_s, 5), "bare_bert_step_s": round(bare_s, 5),
+              "ratio": round(ours_s / bare_s, 2)}
+    out = project_root() / "results" / "benchmarks" / f"step_{args.model}_{device.type}.json"
+    atomic_write_json(out, result)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

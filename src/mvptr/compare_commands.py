@@ -1,0 +1,62 @@
+"""`mvptr compare`: the ablation summary (CSV, markdown, a bar chart per task) from the MLflow runs of a study.
+
+    mvptr compare [--tracking-uri URI] [--experiment NAME] [--out-dir results/summary] [--stage evaluate ...]
+                  [--ablations a b c] [--root DIR]
+
+Why a command: the `summarize` rule calls it, and a user can point it at any store (the cluster's tracking
+server, or a copy of results/mlflow.db). The store defaults to `mvptr.tracking.tracking_uri()`
+($MLFLOW_TRACKING_URI, else results/mlflow.db); the experiment to the study of the default config
+(`mvptr-<dataset.name>`). No matching run exits with status 2 and says what was searched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from mvptr.compare import NoRunsError, summary_table, write_summary
+    from mvptr.tracking import client, experiment_name, sqlite_path, tracking_uri
+
+    if args.experiment is None:
+        from mvptr.config import load_config
+
+        args.experiment = experiment_name(load_config(root=args.root))
+    uri = args.tracking_uri or tracking_uri()
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():  # MLflow would create an empty store there and report no experiment
+        print(f"mvptr compare: error: no MLflow store at {db} ({uri}); pass --tracking-uri or set "
+              "MLFLOW_TRACKING_URI", file=sys.stderr)
+        raise SystemExit(2)
+    mc = client(uri)
+    try:
+        table = summary_table(mc, args.experiment, args.stage, args.ablations)
+    except NoRunsError as err:
+        print(f"mvptr compare: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    missing = [a for a in table.index if table.loc[a].isna().all()]
+    if missing:
+        print(f"mvptr compare: warning: no finished runs for ablation(s) {', '.join(missing)}", file=sys.stderr)
+    written = write_summary(table, args.out_dir)
+    print(json.dumps({"ablations": list(table.index), "columns": len(table.columns),
+                      "written": [str(p) for p in written]}))
+
+
+def register(groups: argparse._SubParsersAction) -> None:
+    compare = groups.add_parser("compare", help="summarize the ablations' task metrics from MLflow",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    compare.add_argument("--tracking-uri", default=None,
+                         help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///results/mlflow.db)")
+    compare.add_argument("--experiment", default=None,
+                         help="MLflow experiment (default mvptr-<dataset.name> of the default config)")
+    compare.add_argument("--out-dir", type=Path, default=Path("results/summary"),
+                         help="where ablations.csv, ablations.md and <task>.png go (default results/summary)")
+    compare.add_argument("--stage", nargs="+", default=["evaluate"],
+                         help="stage tags of the runs to read (default evaluate)")
+    compare.add_argument("--ablations", nargs="+", default=None, help="only these ablations (default all)")
+    compare.add_argument("--root", type=Path, default=None,
+                         help="project folder holding configs/, for the default experiment name")
+    compare.set_defaults(func=cmd_compare)
