@@ -11,7 +11,7 @@ machine's noise cancels in the ratio.
            on (batch, text + tags + regions) tokens
 
 Run: `.venv/bin/python benchmarks/bench_step.py [--model tiny|bert_base] [--batch 64] [--regions 10]
-[--steps 10] [--device cpu|cuda]` (CUDA: bf16 autocast, as the trainer). Writes
+[--steps 10 (interleaved rounds; medians)] [--device cpu|cuda]` (CUDA: bf16 autocast, as the trainer). Writes
 `results/benchmarks/step_<model>_<device>.json` (atomically) and prints it.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import time
 from collections.abc import Callable
 
@@ -54,16 +55,21 @@ def random_batch(batch: int, text: int, tags: int, regions: int, feature_dim: in
     return {k: v.to(device) for k, v in out.items()}
 
 
-def seconds_per_step(step: Callable[[], None], steps: int, device: torch.device) -> float:
-    step()  # warm-up (allocations, kernels)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+def median_seconds(steps: dict[str, Callable[[], None]], rounds: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each step, the steps interleaved round by round so that both see the same
+    machine load (this machine is shared and noisy); two warm-up rounds first (allocations, kernels)."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(rounds + 2):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -108,11 +114,12 @@ def main() -> None:
         loss.backward()
         bare.zero_grad(set_to_none=True)
 
-    ours_s, bare_s = seconds_per_step(our_step, args.steps, device), seconds_per_step(bare_step, args.steps, device)
+    medians = median_seconds({"ours": our_step, "bare": bare_step}, args.steps, device)
+    ours_s, bare_s = medians["ours"], medians["bare"]
     result = {"model": args.model, "device": str(device), "dtype": "bf16" if bf16 else "fp32",
               "threads": torch.get_num_threads(), "batch": args.batch, "layers": layers,
               "hidden": mcfg["hidden_size"], "tokens": {"text": text, "tags": tags, "regions": args.regions},
-              "tasks": stage_tasks(cfg, 2), "steps": args.steps,
+              "tasks": stage_tasks(cfg, 2), "rounds": args.steps,
               "mvptr_stage2_step_s": round(ours_s, 5), "bare_bert_step_s": round(bare_s, 5),
               "ratio": round(ours_s / bare_s, 2)}
     out = project_root() / "results" / "benchmarks" / f"step_{args.model}_{device.type}.json"
