@@ -1,4 +1,5 @@
-"""The Snakemake workflow: lint, formatting, dry run, and a real run of prepare_data on the tiny world."""
+"""The Snakemake workflow: lint, formatting, dry runs (job counts of an ablation grid, single-rule reruns), and a
+real run of the whole DAG on the tiny world with a shrunken model and a few training steps."""
 
 from __future__ import annotations
 
@@ -16,6 +17,21 @@ from mvptr.config import dataset_dir, load_config
 
 BIN = Path(sys.executable).parent
 TINY = "dataset={synthetic: {size: tiny}}"
+# The whole DAG in well under a minute: tiny world, 1+1+1 layers at width 32, a few steps of 8 pairs.
+FAST = [TINY, "model={hidden_size: 32, num_text_layers: 1, num_visual_layers: 1, num_cross_layers: 1, "
+              "num_attention_heads: 2, intermediate_size: 64}",
+        "pretrain={stage1: {steps: 3, batch_size: 8}, stage2: {steps: 3, batch_size: 8}}",
+        "regions={backbone: {epochs: 1}}", "concepts={min_count: 2}"]
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The `job  count` table that `snakemake -n` prints."""
+    counts = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0].isidentifier() and parts[0] != "total":
+            counts[parts[0]] = int(parts[1])
+    return counts
 
 
 def snakemake(*args: str, workdir: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -53,7 +69,7 @@ def test_a_bad_config_stops_snakemake_naming_the_key(tmp_path: Path):
 def tiny_run(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("workflow")
     proc = snakemake("--cores", "2", "--workflow-profile", str(ROOT / "workflow/profiles/default"),
-                     "--config", TINY, workdir=workdir)
+                     "--config", *FAST, workdir=workdir, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return workdir
 
@@ -73,6 +89,37 @@ def test_prepare_data_writes_the_world_the_config_asks_for(tiny_run: Path):
 
 
 def test_a_second_run_has_nothing_to_do(tiny_run: Path):
-    proc = snakemake("-n", "--config", TINY, workdir=tiny_run)
+    proc = snakemake("-n", "--config", *FAST, workdir=tiny_run)
     assert proc.returncode == 0
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_the_run_trained_both_stages_through_submitit(tiny_run: Path):
+    stage2 = next(tiny_run.glob("results/*/full/pretrain_stage2"))
+    metrics = json.loads((stage2 / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["tasks"] == ["vsc", "itm", "mlm", "wpg"]
+    assert "tr_r_at_1" in metrics["zero_shot"]["recalls"]
+    assert list(tiny_run.glob("results/logs/pretrain_stage2/*/full.submitit/job.json"))
+
+
+def test_ablations_that_change_only_stage_two_share_one_stage_one_job(tmp_path: Path):
+    proc = snakemake("-n", "--config", TINY, "ablations=[full, no_wpg, no_itm_hard, no_vsc, joint, no_mcr]",
+                     workdir=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    counts = job_counts(proc.stdout)
+    # full, no_wpg, no_itm_hard and no_vsc share one stage one; joint and no_mcr each have their own.
+    assert counts["pretrain_stage1"] == 3 and counts["pretrain_stage2"] == 6, counts
+    assert counts["prepare_data"] == 1 and counts["extract_region_features"] == 1, counts
+
+
+def test_forcing_stage_two_reruns_only_stage_two(tiny_run: Path):
+    proc = snakemake("-n", "--forcerun", "pretrain_stage2", "--config", *FAST, workdir=tiny_run)
+    assert proc.returncode == 0, proc.stderr
+    assert job_counts(proc.stdout) == {"pretrain_stage2": 1, "all": 1}
+
+
+def test_a_stage_two_override_leaves_stage_one_and_the_data_alone(tiny_run: Path):
+    fast = [*FAST[:2], "pretrain={stage1: {steps: 3, batch_size: 8}, stage2: {steps: 4, batch_size: 8}}", *FAST[3:]]
+    proc = snakemake("-n", "--config", *fast, workdir=tiny_run)
+    assert proc.returncode == 0, proc.stderr
+    assert job_counts(proc.stdout) == {"pretrain_stage2": 1, "all": 1}

@@ -93,11 +93,40 @@ def stage_outputs(ablations=None):
     ]
 
 
-def config_args(ablation=None):
-    """`--root` and the overrides to hand to `mvptr` (plus `ablation=<name>`), shell-quoted: a rule's command
-    may run in another working directory (--directory, a cluster node) and must compose the same config.
-    """
+# The config sections each step reads. A rule hands its command only the overrides under these keys, so
+# that changing, say, a stage-two setting does not change the params of (and so rerun) the data rules.
+DATA_KEYS = ("seed", "dataset")
+CONCEPT_KEYS = (*DATA_KEYS, "concepts", "model.name", "model.tokenizer")
+REGION_KEYS = (*DATA_KEYS, "regions")
+# Every section except `ablations`, which only says which ablations the workflow runs.
+TRAIN_KEYS = tuple(key for key in BASE if key != "ablations")
+# Keys that change nothing a stage computes but that its command reads (how and where it runs, cadence).
+RUN_KEYS = (
+    "method",
+    "launch",
+    "pretrain.checkpoint_every",
+    "pretrain.log_every",
+    "pretrain.num_workers",
+)
+
+
+def stage1_args(wildcards):
+    """Stage one's command gets only the overrides of the keys its hash covers, so that a stage-two override
+    neither changes its path nor its params (a rerun trigger)."""
+    ablation = stage1_ablation(wildcards)
+    return config_args((*stage1_keys(ABLATIONS[ablation]), *RUN_KEYS), ablation)
+
+
+def config_args(keys, ablation=None):
+    """`--root` and the overrides under `keys` (plus `ablation=<name>`) to hand to `mvptr`, shell-quoted: a
+    rule's command may run in another working directory (--directory, a cluster node) and composes the same
+    config from them."""
+    picked = [
+        item
+        for item in OVERRIDES
+        if any(item.split("=", 1)[0] == k or item.startswith(k + ".") for k in keys)
+    ]
     extra = [f"ablation={ablation}"] if ablation else []
     return " ".join(
-        shlex.quote(item) for item in ["--root", str(ROOT), *OVERRIDES, *extra]
+        shlex.quote(item) for item in ["--root", str(ROOT), *picked, *extra]
     )

@@ -14,7 +14,7 @@ rule extract_concepts:
         "../../environment.yml"
     threads: 2
     params:
-        config=config_args(),
+        config=config_args(CONCEPT_KEYS),
     shell:
         "mvptr concepts extract --dataset {input} --out {output} --n-process {threads} "
         "{params.config} > {log} 2>&1"
@@ -33,7 +33,7 @@ rule concept_quality:
     conda:
         "../../environment.yml"
     params:
-        config=config_args(),
+        config=config_args(CONCEPT_KEYS),
     shell:
         "MVPTR_RULE=concept_quality mvptr concepts quality --dataset {input.dataset} "
         "--concepts {input.concepts} --out {output} {params.config} > {log} 2>&1"
@@ -52,7 +52,7 @@ rule build_concept_vocab:
     conda:
         "../../environment.yml"
     params:
-        config=config_args(),
+        config=config_args(CONCEPT_KEYS),
     shell:
         "mvptr concepts vocab --dataset {input.dataset} --concepts {input.concepts} "
         "--out {output} {params.config} > {log} 2>&1"

@@ -11,6 +11,6 @@ rule prepare_data:
     conda:
         "../../environment.yml"
     params:
-        config=config_args(),
+        config=config_args(DATA_KEYS),
     shell:
         "mvptr data prepare --out {output} {params.config} > {log} 2>&1"

@@ -24,7 +24,7 @@ rule pretrain_stage1:
         ckpt_dir="results/{dataset}/checkpoints/stage1-{stage1}",
         job_dir="results/logs/pretrain_stage1/{dataset}/stage1-{stage1}.submitit",
         out="results/{dataset}/pretrain/stage1-{stage1}",
-        config=lambda wildcards: config_args(stage1_ablation(wildcards)),
+        config=stage1_args,
     shell:
         "MVPTR_RULE=pretrain_stage1 mvptr pretrain stage --stage 1 --dataset {input.dataset} "
         "--concepts {input.concepts} --vocab {input.vocab} --regions {input.regions} "
@@ -53,7 +53,7 @@ rule pretrain_stage2:
         ckpt_dir="results/{dataset}/checkpoints/{ablation}/stage2",
         job_dir="results/logs/pretrain_stage2/{dataset}/{ablation}.submitit",
         out="results/{dataset}/{ablation}/pretrain_stage2",
-        config=lambda wildcards: config_args(wildcards.ablation),
+        config=lambda wildcards: config_args(TRAIN_KEYS, wildcards.ablation),
     shell:
         "MVPTR_RULE=pretrain_stage2 mvptr pretrain stage --stage 2 --dataset {input.dataset} "
         "--concepts {input.concepts} --vocab {input.vocab} --regions {input.regions} "

@@ -16,7 +16,7 @@ rule extract_region_features:
         "../../environment.yml"
     threads: 2
     params:
-        config=config_args(),
+        config=config_args(REGION_KEYS),
     shell:
         "MVPTR_RULE=extract_region_features OMP_NUM_THREADS={threads} mvptr regions extract "
         "--dataset {input} --out {output} {params.config} > {log} 2>&1"
