@@ -4,6 +4,7 @@
 #
 #   make demo                       the Snakemake workflow on configs/default.yaml
 #   make test                       the pytest suite
+#   make slurm-profile              one-time: lets `snakemake --profile slurm` find workflow/profiles/slurm
 #   make TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126' test   (CUDA build)
 
 PYTHON ?= python3
@@ -16,7 +17,7 @@ STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH_SPEC)' | sha1sum | cut 
 BIN := $(abspath $(VENV))/bin
 RUN := PATH="$(BIN):$$PATH"
 
-.PHONY: demo test lint venv clean-venv
+.PHONY: demo test lint venv clean-venv slurm-profile
 
 venv: $(STAMP)
 
@@ -40,3 +41,8 @@ lint: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Snakemake looks a bare profile name up in ~/.config/snakemake (not in workflow/profiles/): link ours there.
+slurm-profile:
+	mkdir -p $(HOME)/.config/snakemake
+	ln -sfn $(abspath workflow/profiles/slurm) $(HOME)/.config/snakemake/slurm

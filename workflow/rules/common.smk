@@ -98,35 +98,47 @@ def stage_outputs(ablations=None):
 DATA_KEYS = ("seed", "dataset")
 CONCEPT_KEYS = (*DATA_KEYS, "concepts", "model.name", "model.tokenizer")
 REGION_KEYS = (*DATA_KEYS, "regions")
-# Every section except `ablations`, which only says which ablations the workflow runs.
-TRAIN_KEYS = tuple(key for key in BASE if key != "ablations")
-# Keys that change nothing a stage computes but that its command reads (how and where it runs, cadence).
+# Keys that change nothing a GPU-class step computes but that its command reads: how and where it runs. They
+# reach the command outside `params:` (LAUNCH_ARGS in the shell line), so that running the same workflow with
+# another profile (local -> SLURM) or cadence is not a params change that reruns every trained stage.
 RUN_KEYS = (
-    "method",
     "launch",
     "pretrain.checkpoint_every",
     "pretrain.log_every",
     "pretrain.num_workers",
 )
+# Every section except `ablations`, which only says which ablations the workflow runs.
+TRAIN_KEYS = tuple(key for key in BASE if key != "ablations")
+
+
+def overrides_under(keys, exclude=()):
+    """The overrides whose key is one of `keys` or under one, and not under `exclude`."""
+
+    def under(item, prefixes):
+        key = item.split("=", 1)[0]
+        return any(key == k or key.startswith(k + ".") for k in prefixes)
+
+    return [
+        item for item in OVERRIDES if under(item, keys) and not under(item, exclude)
+    ]
+
+
+LAUNCH_ARGS = " ".join(shlex.quote(item) for item in overrides_under(RUN_KEYS))
 
 
 def stage1_args(wildcards):
     """Stage one's command gets only the overrides of the keys its hash covers, so that a stage-two override
     neither changes its path nor its params (a rerun trigger)."""
     ablation = stage1_ablation(wildcards)
-    return config_args((*stage1_keys(ABLATIONS[ablation]), *RUN_KEYS), ablation)
+    return config_args((*stage1_keys(ABLATIONS[ablation]), "method"), ablation)
 
 
 def config_args(keys, ablation=None):
-    """`--root` and the overrides under `keys` (plus `ablation=<name>`) to hand to `mvptr`, shell-quoted: a
-    rule's command may run in another working directory (--directory, a cluster node) and composes the same
-    config from them."""
-    picked = [
-        item
-        for item in OVERRIDES
-        if any(item.split("=", 1)[0] == k or item.startswith(k + ".") for k in keys)
-    ]
+    """`--root` and the overrides under `keys` but not under RUN_KEYS (plus `ablation=<name>`) to hand to
+    `mvptr`, shell-quoted: a rule's command may run in another working directory (--directory, a cluster node)
+    and composes the same config from them."""
     extra = [f"ablation={ablation}"] if ablation else []
+    picked = overrides_under(keys, exclude=RUN_KEYS)
     return " ".join(
         shlex.quote(item) for item in ["--root", str(ROOT), *picked, *extra]
     )

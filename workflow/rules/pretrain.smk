@@ -20,6 +20,10 @@ rule pretrain_stage1:
         "results/benchmarks/rules/pretrain_stage1/{dataset}/stage1-{stage1}.tsv"
     conda:
         "../../environment.yml"
+    resources:
+        # How the trainer is launched (launch.* and cadence overrides): a resource, not a param, so that a
+        # profile switch (local -> SLURM) does not rerun trained stages.
+        launch=LAUNCH_ARGS,
     params:
         ckpt_dir="results/{dataset}/checkpoints/stage1-{stage1}",
         job_dir="results/logs/pretrain_stage1/{dataset}/stage1-{stage1}.submitit",
@@ -28,7 +32,7 @@ rule pretrain_stage1:
     shell:
         "MVPTR_RULE=pretrain_stage1 mvptr pretrain stage --stage 1 --dataset {input.dataset} "
         "--concepts {input.concepts} --vocab {input.vocab} --regions {input.regions} "
-        "--ckpt-dir {params.ckpt_dir} --job-dir {params.job_dir} --out {params.out} {params.config} "
+        "--ckpt-dir {params.ckpt_dir} --job-dir {params.job_dir} --out {params.out} {params.config} {resources.launch} "
         "> {log} 2>&1"
 
 
@@ -49,6 +53,8 @@ rule pretrain_stage2:
         "results/benchmarks/rules/pretrain_stage2/{dataset}/{ablation}.tsv"
     conda:
         "../../environment.yml"
+    resources:
+        launch=LAUNCH_ARGS,
     params:
         ckpt_dir="results/{dataset}/checkpoints/{ablation}/stage2",
         job_dir="results/logs/pretrain_stage2/{dataset}/{ablation}.submitit",
@@ -58,4 +64,4 @@ rule pretrain_stage2:
         "MVPTR_RULE=pretrain_stage2 mvptr pretrain stage --stage 2 --dataset {input.dataset} "
         "--concepts {input.concepts} --vocab {input.vocab} --regions {input.regions} "
         "--init-weights {input.stage1} --ckpt-dir {params.ckpt_dir} --job-dir {params.job_dir} "
-        "--out {params.out} {params.config} > {log} 2>&1"
+        "--out {params.out} {params.config} {resources.launch} > {log} 2>&1"
