@@ -212,3 +212,5 @@ def test_cli_runs_a_stage_through_submitit_and_writes_outputs(artifacts, stage1,
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 3 and "zero_shot" in metrics and "tr_r_at_1" in metrics["zero_shot"]["recalls"]
     assert (tmp_path / "job" / "job.json").is_file(), proc.stdout
+    # The finished stage leaves no checkpoint behind: a forced rerun trains anew.
+    assert not (tmp_path / "ckpt").exists()

@@ -5,7 +5,8 @@
 
 The stage runs as a submitit job (`launch.cluster`: local, slurm or debug), whose id is kept in --job-dir
 (next to the rule's log) so that a restarted rule re-attaches to it; the job checkpoints into --ckpt-dir and
-resumes from it. Only when the job succeeds are the outputs written, each atomically, into --out:
+resumes from it. Only when the job succeeds are the outputs written, each atomically, into --out (and the checkpoint directory
+removed, so that a forced rerun trains anew):
     model.safetensors   the stage's weights
     metrics.json        tasks, steps, final losses, loss history, seconds (stage two: zero-shot retrieval)
     loss_curves.png     every task's loss against the step
@@ -42,6 +43,9 @@ def cmd_stage(args: argparse.Namespace) -> None:
     tmp.replace(out / "model.safetensors")
     atomic_write_bytes(out / "loss_curves.png", loss_curves_png(result["history"], f"pretrain stage {args.stage}"))
     atomic_write_json(out / "metrics.json", result)
+    # The outputs are the stage's record now. Its checkpoint goes, so that a forced rerun of the rule trains
+    # again instead of resuming a finished run (a job killed before this line still resumes from it).
+    shutil.rmtree(paths.ckpt_dir)
     summary = {k: result[k] for k in ("stage", "tasks", "steps", "seconds")}
     if "zero_shot" in result:
         summary["zero_shot_r_at_1"] = {k: round(v, 2) for k, v in result["zero_shot"]["recalls"].items()

@@ -123,7 +123,10 @@ class _Tracker:
         self._tracking = tracking
         run_file = ckpt_dir / RUN_FILE
         previous = json.loads(run_file.read_text())["mlflow_run_id"] if run_file.is_file() else None
-        self.run_id = tracking.open_run(cfg, stage=f"pretrain_stage{stage}", task="pretrain", run_id=previous)
+        # A requeued job may run elsewhere (launch.*) or log at another cadence: warn, do not stop, when a
+        # param differs from what the run logged first (MLflow params are write-once).
+        self.run_id = tracking.open_run(cfg, stage=f"pretrain_stage{stage}", task="pretrain", run_id=previous,
+                                        on_param_conflict="warn")
         atomic_write_json(run_file, {"mlflow_run_id": self.run_id})
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
