@@ -20,6 +20,8 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/concepts.smk"
 include: "workflow/rules/regions.smk"
 include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
@@ -29,8 +31,19 @@ rule all:
         concept_outputs(),
         regions_dir(),
         stage_outputs(),
+        evaluation_outputs(),
+        summary_outputs(),
 
 
 rule pretrain_only:
     input:
+        dataset_dir(),
+        concept_outputs(),
+        regions_dir(),
         stage_outputs(),
+
+
+rule evaluate_only:
+    input:
+        evaluation_outputs(),
+        summary_outputs(),

@@ -1,4 +1,4 @@
-"""Shared test helpers: the repository root and a runner for the `mvptr` command."""
+"""Shared test helpers: the repository root, a runner for the `mvptr` command, and the real SLURM test cluster."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The shared scripts sit beside the checkout (../shared); CI may point elsewhere with MVPTR_SLURM_UP.
+SLURM_UP = Path(os.environ.get("MVPTR_SLURM_UP", ROOT.parent / "shared" / "slurm" / "slurm_up.sh"))
 # Runs that tests log (and the CLI processes they start, which inherit the environment) go to a throw-away
 # MLflow store, never to the project's results/mlflow.db.
 os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp(prefix='mvptr-mlflow-')}/mlflow.db")
@@ -27,3 +29,20 @@ def run_mvptr(*args: str, cwd: Path = ROOT, check: bool = False) -> subprocess.C
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def slurm() -> None:
+    """A running single-node SLURM cluster with accounting (sacct works, account `testacct`) and one fake GPU,
+    or a skip saying why not. slurm_up.sh is idempotent; the cluster is left running (slurm_down.sh stops it)."""
+    if os.geteuid() != 0:
+        pytest.skip("the SLURM test cluster needs root (slurm_up.sh)")
+    if not SLURM_UP.exists():
+        pytest.skip(f"{SLURM_UP} not found (set MVPTR_SLURM_UP)")
+    env = {**os.environ, "SLURM_ACCOUNTING": "slurmdbd", "SLURM_GPUS": "1", "SLURM_CPUS": "8"}
+    try:
+        proc = subprocess.run(["bash", str(SLURM_UP)], env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.skip("slurm_up.sh did not finish in 300 s")
+    if proc.returncode != 0:
+        pytest.skip(f"slurm_up.sh failed ({proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}")

@@ -30,8 +30,6 @@ from mvptr.launch import LaunchError, LaunchSettings, launch, read_job_record
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-# The shared scripts sit beside the checkout (../shared); CI may point elsewhere with MVPTR_SLURM_UP.
-SLURM_UP = Path(os.environ.get("MVPTR_SLURM_UP", ROOT.parent / "shared" / "slurm" / "slurm_up.sh"))
 LOCAL = LaunchSettings(cluster="local", timeout_min=5, poll_seconds=0.1)
 
 
@@ -284,22 +282,6 @@ def test_settings_from_config_names_a_bad_key() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ SLURM
-
-
-@pytest.fixture(scope="module")
-def slurm() -> None:
-    """A running single-node SLURM cluster with accounting and one fake GPU, or a skip saying why not."""
-    if os.geteuid() != 0:
-        pytest.skip("the SLURM test cluster needs root (slurm_up.sh)")
-    if not SLURM_UP.exists():
-        pytest.skip(f"{SLURM_UP} not found")
-    env = {**os.environ, "SLURM_ACCOUNTING": "slurmdbd", "SLURM_GPUS": "1", "SLURM_CPUS": "8"}
-    try:
-        proc = subprocess.run(["bash", str(SLURM_UP)], env=env, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        pytest.skip("slurm_up.sh did not finish in 300 s")
-    if proc.returncode != 0:
-        pytest.skip(f"slurm_up.sh failed ({proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}")
 
 
 SLURM = LaunchSettings(cluster="slurm", timeout_min=5, gpus_per_node=1, slurm_account="testacct", poll_seconds=0.2)

@@ -10,6 +10,7 @@ Run: .venv/bin/python -m pytest tests/test_tracking.py
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -130,13 +131,16 @@ def test_resume_reuses_run_id_and_skips_logged_params(store: str, base_cfg: dict
 
 def test_changed_param_on_resume_is_reported(store: str, base_cfg: dict) -> None:
     run_id = tracking.open_run(base_cfg, stage="pretrain", task="itm")
-    changed = with_ablation(base_cfg, "full", seed=base_cfg["seed"] + 7)
-    with pytest.raises(tracking.ResumeConflict, match=rf"seed: logged '{base_cfg['seed']}', now '{changed['seed']}'"):
+    # (The seed would name another experiment: it shapes the dataset. `ablations` changes only a param.)
+    changed = with_ablation(base_cfg, "full", ablations=["full"])
+    logged, now = str(base_cfg["ablations"]), str(changed["ablations"])
+    assert logged != now
+    with pytest.raises(tracking.ResumeConflict, match=re.escape(f"ablations: logged {logged!r}, now {now!r}")):
         tracking.open_run(changed, stage="pretrain", task="itm", run_id=run_id)
-    with pytest.warns(UserWarning, match="seed"):
+    with pytest.warns(UserWarning, match="ablations"):
         assert tracking.open_run(changed, stage="pretrain", task="itm", run_id=run_id,
                                  on_param_conflict="warn") == run_id
-    assert tracking.client(store).get_run(run_id).data.params["seed"] == str(base_cfg["seed"])  # write-once
+    assert tracking.client(store).get_run(run_id).data.params["ablations"] == logged  # write-once
 
 
 def test_resume_checks_identity_and_unknown_id_starts_a_new_run(store: str, base_cfg: dict) -> None:

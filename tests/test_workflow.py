@@ -21,7 +21,9 @@ TINY = "dataset={synthetic: {size: tiny}}"
 FAST = [TINY, "model={hidden_size: 32, num_text_layers: 1, num_visual_layers: 1, num_cross_layers: 1, "
               "num_attention_heads: 2, intermediate_size: 64}",
         "pretrain={stage1: {steps: 3, batch_size: 8}, stage2: {steps: 3, batch_size: 8}}",
-        "regions={backbone: {epochs: 1}}", "concepts={min_count: 2}"]
+        "regions={backbone: {epochs: 1}}", "concepts={min_count: 2}",
+        "evaluate={" + ", ".join(f"{task}: {{steps: 2, batch_size: 8}}" for task in
+                                 ("retrieval", "vqa", "ve", "rec", "nlvr2")) + "}"]
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -115,11 +117,16 @@ def test_ablations_that_change_only_stage_two_share_one_stage_one_job(tmp_path: 
 def test_forcing_stage_two_reruns_only_stage_two(tiny_run: Path):
     proc = snakemake("-n", "--forcerun", "pretrain_stage2", "--config", *FAST, workdir=tiny_run)
     assert proc.returncode == 0, proc.stderr
-    assert job_counts(proc.stdout) == {"pretrain_stage2": 1, "all": 1}
+    counts = job_counts(proc.stdout)
+    # Stage two of `full`, then its evaluations and the summary; nothing upstream.
+    assert counts.pop("pretrain_stage2") == 1 and counts.pop("summarize") == 1 and counts.pop("all") == 1, counts
+    assert counts == {f"evaluate_{task}": 1 for task in ("retrieval", "vqa", "ve", "rec", "nlvr2")}
 
 
 def test_a_stage_two_override_leaves_stage_one_and_the_data_alone(tiny_run: Path):
     fast = [*FAST[:2], "pretrain={stage1: {steps: 3, batch_size: 8}, stage2: {steps: 4, batch_size: 8}}", *FAST[3:]]
     proc = snakemake("-n", "--config", *fast, workdir=tiny_run)
     assert proc.returncode == 0, proc.stderr
-    assert job_counts(proc.stdout) == {"pretrain_stage2": 1, "all": 1}
+    counts = job_counts(proc.stdout)
+    assert counts.pop("pretrain_stage2") == 1 and counts.pop("summarize") == 1 and counts.pop("all") == 1, counts
+    assert counts == {f"evaluate_{task}": 1 for task in ("retrieval", "vqa", "ve", "rec", "nlvr2")}

@@ -20,7 +20,8 @@ import yaml
 from mvptr.config import ConfigError, add_config_arguments, config_from_args, config_hash, dataset_dir
 
 COMMAND_MODULES = ["mvptr.data.commands", "mvptr.concepts.commands", "mvptr.regions.commands",
-                   "mvptr.train.commands", "mvptr.compare_commands"]
+                   "mvptr.train.commands", "mvptr.compare_commands", "mvptr.evaluate.commands",
+                   "mvptr.dvc_stages"]
 
 
 def cmd_config_show(args: argparse.Namespace) -> None:

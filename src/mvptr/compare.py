@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mvptr.atomic import atomic_write_bytes
+from mvptr.atomic import atomic_write_bytes, atomic_write_json
 from mvptr.tracking import PARENT_RUN_ID_TAG, search_all_runs
 
 if TYPE_CHECKING:  # pandas, matplotlib and mlflow are imported inside the functions: `mvptr --help` stays fast
@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # pandas, matplotlib and mlflow are imported inside the funct
 REFERENCE_ABLATION = "full"  # the method as configured: the row every other row is read against
 CSV_NAME = "ablations.csv"
 MD_NAME = "ablations.md"
+JSON_NAME = "ablations.json"
 
 
 class NoRunsError(LookupError):
@@ -149,9 +150,12 @@ def chart_name(task: str) -> str:
 
 
 def write_summary(table: pd.DataFrame, out_dir: Path | str) -> list[Path]:
-    """ablations.csv, ablations.md and `<task>.png` per task in `out_dir`, each written atomically."""
+    """ablations.csv, ablations.md, ablations.json (DVC metrics: {ablation: {metric: value}}, NaN left out)
+    and `<task>.png` per task in `out_dir`, each written atomically."""
     out_dir = Path(out_dir)
-    written = [out_dir / CSV_NAME, out_dir / MD_NAME]
+    written = [out_dir / CSV_NAME, out_dir / MD_NAME, out_dir / JSON_NAME]
+    atomic_write_json(written[2], {ablation: {k: float(v) for k, v in row.items() if not math.isnan(v)}
+                                   for ablation, row in table.iterrows()})
     # repr-precision floats, so that the CSV holds exactly what MLflow holds
     atomic_write_bytes(written[0], table.to_csv(float_format=None, lineterminator="\n").encode("utf-8"))
     atomic_write_bytes(written[1], markdown_table(table).encode("utf-8"))

@@ -16,15 +16,17 @@ import json
 import sys
 from pathlib import Path
 
+from mvptr.config import add_config_arguments
+
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from mvptr.compare import NoRunsError, summary_table, write_summary
     from mvptr.tracking import client, experiment_name, sqlite_path, tracking_uri
 
     if args.experiment is None:
-        from mvptr.config import load_config
+        from mvptr.config import config_from_args
 
-        args.experiment = experiment_name(load_config(root=args.root))
+        args.experiment = experiment_name(config_from_args(args))
     uri = args.tracking_uri or tracking_uri()
     db = sqlite_path(uri)
     if db is not None and not db.is_file():  # MLflow would create an empty store there and report no experiment
@@ -51,12 +53,11 @@ def register(groups: argparse._SubParsersAction) -> None:
     compare.add_argument("--tracking-uri", default=None,
                          help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///results/mlflow.db)")
     compare.add_argument("--experiment", default=None,
-                         help="MLflow experiment (default mvptr-<dataset.name> of the default config)")
+                         help="MLflow experiment (default: the configured dataset's, mvptr-<dataset folder>)")
     compare.add_argument("--out-dir", type=Path, default=Path("results/summary"),
                          help="where ablations.csv, ablations.md and <task>.png go (default results/summary)")
     compare.add_argument("--stage", nargs="+", default=["evaluate"],
                          help="stage tags of the runs to read (default evaluate)")
     compare.add_argument("--ablations", nargs="+", default=None, help="only these ablations (default all)")
-    compare.add_argument("--root", type=Path, default=None,
-                         help="project folder holding configs/, for the default experiment name")
+    add_config_arguments(compare)  # the config whose dataset names the default experiment
     compare.set_defaults(func=cmd_compare)

@@ -102,7 +102,11 @@ def run_params(cfg: Mapping[str, Any]) -> dict[str, str]:
 
 
 def experiment_name(cfg: Mapping[str, Any]) -> str:
-    return f"mvptr-{cfg['dataset']['name']}"
+    """One experiment per study: per prepared dataset (`mvptr-synthetic-<hash>`), so that runs on another world
+    size or seed are never compared with these."""
+    from mvptr.config import dataset_dir
+
+    return f"mvptr-{dataset_dir(cfg).name}"
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -33,6 +33,7 @@ ABLATIONS = {
     for name in CONFIG["ablations"]
 }
 STAGE1 = {name: config_hash(cfg, stage1_keys(cfg)) for name, cfg in ABLATIONS.items()}
+EVAL_TASKS = CONFIG["evaluate"]["tasks"]
 
 
 # Only the configured dataset can be built: its folder name carries the hash of the keys that shape it.
@@ -116,7 +117,7 @@ def overrides_under(keys, exclude=()):
 
     def under(item, prefixes):
         key = item.split("=", 1)[0]
-        return any(key == k or key.startswith(k + ".") for k in prefixes)
+        return any(key == k or key.startswith(f"{k}.") for k in prefixes)
 
     return [
         item for item in OVERRIDES if under(item, keys) and not under(item, exclude)
@@ -131,6 +132,24 @@ def stage1_args(wildcards):
     neither changes its path nor its params (a rerun trigger)."""
     ablation = stage1_ablation(wildcards)
     return config_args((*stage1_keys(ABLATIONS[ablation]), "method"), ablation)
+
+
+def evaluation_outputs(ablations=None):
+    """The metrics JSON of every downstream task of the given (default: every running) ablations."""
+    names = ablations or list(ABLATIONS)
+    return [
+        f"results/{DATASET}/{ablation}/evaluate/{task}.json"
+        for ablation in names
+        for task in EVAL_TASKS
+    ]
+
+
+def summary_outputs():
+    """The ablation table (CSV, markdown) and the bar chart of every task."""
+    folder = f"results/summary/{DATASET}"
+    return [f"{folder}/ablations.{ext}" for ext in ("csv", "md", "json")] + [
+        f"{folder}/{task}.png" for task in EVAL_TASKS
+    ]
 
 
 def config_args(keys, ablation=None):

@@ -13,13 +13,19 @@ rule pretrain_stage1:
     output:
         model="results/{dataset}/pretrain/stage1-{stage1}/model.safetensors",
         metrics="results/{dataset}/pretrain/stage1-{stage1}/metrics.json",
-        curves="results/{dataset}/pretrain/stage1-{stage1}/loss_curves.png",
+        curves=report(
+            "results/{dataset}/pretrain/stage1-{stage1}/loss_curves.png",
+            caption="../report/loss_curves.rst",
+            category="Loss curves",
+        ),
     log:
         "results/logs/pretrain_stage1/{dataset}/stage1-{stage1}.log",
     benchmark:
         "results/benchmarks/rules/pretrain_stage1/{dataset}/stage1-{stage1}.tsv"
     conda:
         "../../environment.yml"
+    # The local trainer uses launch.cpus_per_task torch threads: two at once on 2 cores thrash.
+    threads: 2
     resources:
         # How the trainer is launched (launch.* and cadence overrides): a resource, not a param, so that a
         # profile switch (local -> SLURM) does not rerun trained stages.
@@ -46,13 +52,18 @@ rule pretrain_stage2:
     output:
         model="results/{dataset}/{ablation}/pretrain_stage2/model.safetensors",
         metrics="results/{dataset}/{ablation}/pretrain_stage2/metrics.json",
-        curves="results/{dataset}/{ablation}/pretrain_stage2/loss_curves.png",
+        curves=report(
+            "results/{dataset}/{ablation}/pretrain_stage2/loss_curves.png",
+            caption="../report/loss_curves.rst",
+            category="Loss curves",
+        ),
     log:
         "results/logs/pretrain_stage2/{dataset}/{ablation}.log",
     benchmark:
         "results/benchmarks/rules/pretrain_stage2/{dataset}/{ablation}.tsv"
     conda:
         "../../environment.yml"
+    threads: 2
     resources:
         launch=LAUNCH_ARGS,
     params:

@@ -1,4 +1,4 @@
-"""Downstream evaluation: the metrics papers report, and ITM re-ranking for retrieval.
+"""Downstream evaluation: fine-tuning on the tasks MVPTR reports, their metrics, and ITM re-ranking.
 
 Why: fine-tuned models are compared by the numbers of the MVPTR protocol (METHODS.md, "Downstream"), so the
 code that computes them is kept apart from the task heads and tested on hand-computed cases:
@@ -8,6 +8,11 @@ code that computes them is kept apart from the task heads and tested on hand-com
     rerank    retrieval scoring: rank every pair by VSC similarity, then re-score only the top-k candidates
               of each image and of each text with the cross-modal ITM head (ALBEF / MVPTR), or score every
               pair exhaustively
+    encode    the uni-modal encodings of a split, computed once (retrieval, zero-shot)
+    zero_shot zero-shot VSC retrieval after pre-training, with the chance recalls
+    task_data readers of the task files (VQA v2, SNLI-VE, RefCOCO, NLVR2) -> examples
+    heads     the task heads (MLP classifiers, region scores for referring expressions)
+    finetune  fine-tune + evaluate one task; job / commands: the submitit job and `mvptr evaluate run`
 
 Use:
     from mvptr.evaluate.metrics import retrieval_recalls, vqa_report

@@ -1,0 +1,88 @@
+"""`mvptr evaluate run ...`: fine-tune and evaluate one downstream task through submitit, write its metrics.
+
+    mvptr evaluate run --task retrieval|vqa|ve|rec|nlvr2 --dataset DIR --concepts FILE --vocab FILE \
+        --regions DIR --weights FILE --job-dir DIR --out FILE.json [--model-out FILE] [key=value ...]
+
+The fine-tuning (`mvptr.evaluate.finetune`, settings `evaluate.*`) runs as a submitit job (`launch.cluster`:
+local, slurm or debug) whose id is kept in --job-dir (beside the rule's log), so that a restarted rule
+re-attaches to it. Only when the job succeeds are the outputs written, each atomically: --out, the metrics
+JSON (per split, with the chance levels beside them), and --model-out, the fine-tuned model and head
+(safetensors, keys `model.*` and `head.*`). The numeric metrics are logged to MLflow as one run of stage
+`evaluate` (names: the JSON's keys joined by '/'). The "no pre-training" baseline is this command with the
+weights of a model that was never trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from mvptr.atomic import atomic_write_json
+from mvptr.config import ConfigError, add_config_arguments, config_from_args
+
+# The saved weights wait in the job folder until the job has succeeded.
+SAVED_WEIGHTS = "finetuned.safetensors"
+
+
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    """The numbers to print: accuracy (VQA: overall) per split, retrieval's r_sum before and after."""
+    out: dict[str, Any] = {"task": result["task"], "seconds": result["seconds"]}
+    for split, metrics in result["splits"].items():
+        for key in ("accuracy", "overall"):
+            if key in metrics:
+                out[f"{split}_{key}"] = round(metrics[key], 2)
+        for variant in ("zero_shot", "fine_tuned_vsc", "fine_tuned_itm"):
+            if variant in metrics:
+                out[f"{split}_{variant}_r_sum"] = round(metrics[variant]["r_sum"], 2)
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from mvptr.data.coco import DataError
+
+    cfg = config_from_args(args)
+    if not args.weights.is_file():
+        raise DataError(f"--weights {args.weights}: no such file")
+    layer, cross_layers = cfg["evaluate"]["rec"]["layer"], cfg["model"]["num_cross_layers"]
+    if args.task == "rec" and layer > cross_layers:
+        raise ConfigError(f"config key 'evaluate.rec.layer': {layer} is more than the model's {cross_layers} "
+                          "cross-modal layers (model.num_cross_layers)")
+    # torch, transformers and MLflow are imported only once the arguments are known to be usable.
+    from mvptr.evaluate.finetune import TaskPaths, flat_metrics
+    from mvptr.evaluate.job import FinetuneJob
+    from mvptr.launch.launcher import LaunchSettings, launch
+    from mvptr.tracking import log_run
+
+    job_dir = args.job_dir.resolve()
+    paths = TaskPaths(dataset=args.dataset.resolve(), concepts=args.concepts.resolve(), vocab=args.vocab.resolve(),
+                      regions=args.regions.resolve(), weights=args.weights.resolve(),
+                      save_to=job_dir / SAVED_WEIGHTS if args.model_out else None)
+    settings = LaunchSettings.from_config(cfg["launch"])
+    result = launch(FinetuneJob(cfg, args.task, paths), name=f"evaluate_{args.task}", folder=job_dir,
+                    settings=settings)
+    if args.model_out:
+        args.model_out.parent.mkdir(parents=True, exist_ok=True)
+        (job_dir / SAVED_WEIGHTS).replace(args.model_out)
+    atomic_write_json(args.out, result)
+    log_run(cfg, stage="evaluate", task=args.task, metrics=flat_metrics(result))
+    print(json.dumps(headline(result), sort_keys=True))
+
+
+def register(groups: argparse._SubParsersAction) -> None:
+    from mvptr.evaluate.task_data import TASKS
+
+    evaluate = groups.add_parser("evaluate", help="downstream fine-tuning and evaluation").add_subparsers(
+        dest="cmd", required=True)
+    run = evaluate.add_parser("run", help="fine-tune and evaluate one task through submitit")
+    run.add_argument("--task", choices=TASKS, required=True)
+    for name, what in (("dataset", "prepared dataset folder (with the task files)"), ("concepts", "concepts.json"),
+                       ("vocab", "concept_vocab.json"), ("regions", "folder of the region stores"),
+                       ("weights", "model.safetensors to fine-tune (pre-trained, or never trained)")):
+        run.add_argument(f"--{name}", type=Path, required=True, help=what)
+    run.add_argument("--job-dir", type=Path, required=True, help="submitit folder and job id (beside the log)")
+    run.add_argument("--out", type=Path, required=True, help="metrics JSON")
+    run.add_argument("--model-out", type=Path, default=None, help="where to save the fine-tuned model and head")
+    add_config_arguments(run)
+    run.set_defaults(func=cmd_run)

@@ -1,0 +1,492 @@
+"""Fine-tune a pre-trained MVPTR model on one downstream task and evaluate it (METHODS.md, "Downstream").
+
+Why: the ablations are compared by what their pre-training buys downstream, so every task is fine-tuned from
+the given weights with the same budget (`evaluate.<task>` steps, batch size, learning rate) whatever those
+weights are - a model that was never trained gives the "no pre-training" baseline. The fine-tuning recipe
+does not follow the pre-training ablation either: retrieval always trains VSC + ITM with weight 1 and
+`evaluate.retrieval.itm_sampling` negatives.
+
+    retrieval  VSC + hard-negative ITM (`PretrainStep`) on the train captions; on the test split, rank every
+               pair by VSC, re-rank the top k_text texts per image and k_image images per text with ITM;
+               R@1/5/10 both ways and r_sum zero-shot (VSC, before fine-tuning) and fine-tuned (VSC, ITM)
+    vqa        answer vocabulary = every (normalised) training answer, most frequent first (capped by
+               evaluate.vqa.max_answers); soft-score BCE; official VQA accuracy overall and per question and
+               answer type
+    ve         3-way cross-entropy; accuracy overall and per class
+    rec        MSE of cosine(text [CLS], region) after `evaluate.rec.layer` cross-modal layers to the region's
+               IoU with the gold box; accuracy = the top region has IoU >= 0.5 with the gold box
+    nlvr2      2-way cross-entropy on [pooled(text, left) ; pooled(text, right)]; accuracy
+Chance levels sit beside each result: retrieval the expected recalls of a random ranking; vqa the accuracy of
+a uniformly random vocabulary answer (`chance`) and of always the most frequent training answer
+(`majority`); ve and nlvr2 100 / classes (`chance`) and the training majority class (`majority`); rec the
+expected accuracy of a random region (`chance`).
+
+Texts (questions, hypotheses, expressions, statements) are parsed with the project's scene-graph parser and
+encoded like captions (`[CLS] words concepts [SEP]`), so the text side keeps its concepts as in pre-training;
+each distinct text is parsed once. The batch order is a function of (seed, step) (`batch_indices`) and
+dropout is seeded per task, so a rerun (or a requeued job) computes the same numbers on CPU.
+
+Use: `result = finetune(cfg, "vqa", TaskPaths(dataset, concepts, vocab, regions, weights), log=print)`
+(or `mvptr evaluate run`, `mvptr.evaluate.commands`). The result:
+    task, weights, seconds
+    train     examples, steps, batch_size, lr, first_loss, final_loss (mean of the last tenth of the steps)
+    splits    {split: metrics}: retrieval images, texts, zero_shot / fine_tuned_vsc / fine_tuned_itm recalls,
+              k_text, k_image, pairs_scored; vqa vqa_report; ve, nlvr2 classification_report; rec accuracy
+    chance    {split: chance levels}, as above
+    answers (vqa: vocabulary size), skipped_examples (example tasks: images in no region store)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import Tensor, nn
+
+from mvptr.data.coco import DataError, read_json
+from mvptr.data.pairs import EncodedText, PairDataset, PairInputs, TextEncoder, collate, collate_image, collate_text
+from mvptr.evaluate import task_data
+from mvptr.evaluate.encode import encode_split
+from mvptr.evaluate.heads import MLPHead, pooled, region_scores
+from mvptr.evaluate.metrics import (box_iou, classification_report, grounding_accuracy, normalize_answer,
+                                    retrieval_recalls, vqa_report, vqa_soft_scores)
+from mvptr.evaluate.rerank import itm_pair_scorer, rerank
+from mvptr.evaluate.zero_shot import chance_recalls
+from mvptr.train.distributed import batch_indices
+from mvptr.train.loop import build_model
+from mvptr.train.objectives import PretrainStep
+from mvptr.train.optim import build_optimizer
+
+Log = Callable[[str], None]
+Batch = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class TaskPaths:
+    """The artifacts a fine-tuning reads, and where to save the fine-tuned weights (None: not saved)."""
+
+    dataset: Path
+    concepts: Path
+    vocab: Path
+    regions: Path  # folder of {split}.h5
+    weights: Path  # the model to fine-tune (model.safetensors of a pre-training stage, or never trained)
+    save_to: Path | None = None
+
+
+class Resources:
+    """What every task reads: the model with the given weights, the images of every region store, and the
+    text encoder (with the scene-graph parser, loaded on first use)."""
+
+    def __init__(self, cfg: Mapping[str, Any], paths: TaskPaths, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        self.inputs = PairInputs.from_artifacts(cfg, paths.dataset, paths.concepts, paths.vocab)
+        # One PairDataset per split of the images: a task example's image is in its split's store.
+        stores = {split: Path(paths.regions) / f"{split}.h5" for split in sorted(set(self.inputs.splits.values()))}
+        self.sets = {split: PairDataset(self.inputs, path, split) for split, path in stores.items() if path.is_file()}
+        feature_dim = next(iter(self.sets.values())).store.feature_dim
+        self.model = build_model(cfg, self.inputs.vocab_size, feature_dim)
+        load_model(self.model, str(paths.weights))
+        self.model.to(device)
+        pcfg = cfg["pretrain"]
+        self.text_encoder = TextEncoder(self.inputs.tokenizer, read_json(paths.vocab), pcfg["max_words"],
+                                        pcfg["max_concepts"])
+        self.texts: dict[str, EncodedText] = {}
+        self._images: dict[int, dict[str, Any]] = {}
+
+    def has_image(self, image_id: int) -> bool:
+        dataset = self.sets.get(self.inputs.splits.get(image_id, ""))
+        return dataset is not None and image_id in dataset.store
+
+    def image_item(self, image_id: int) -> dict[str, Any]:
+        """The image's tags, region features and boxes (PairDataset.image_item), read once."""
+        if image_id not in self._images:
+            self._images[image_id] = self.sets[self.inputs.splits[image_id]].image_item(image_id)
+        return self._images[image_id]
+
+    def image_batch(self, image_ids: Sequence[int]) -> Batch:
+        return self.to_device(collate_image([self.image_item(i) for i in image_ids]))
+
+    def encode_texts(self, texts: Sequence[str]) -> None:
+        """Parse and encode every text not seen yet (each distinct text once)."""
+        from mvptr.concepts.parser import SceneGraphParser
+
+        new = sorted(set(texts) - set(self.texts))
+        if not new:
+            return
+        ccfg = self.cfg["concepts"]
+        parser = SceneGraphParser(ccfg["spacy_model"], batch_size=ccfg["batch_size"], n_process=1)
+        graphs = [graph.to_json() for graph in parser.parse(new)]
+        self.texts.update(zip(new, self.text_encoder.encode_many(new, graphs), strict=True))
+
+    def text_batch(self, texts: Sequence[str]) -> Batch:
+        items = [{"input_ids": enc.input_ids, "concept_mask": enc.concept_mask, "concept_links": enc.concept_links,
+                  "caption_id": -1} for enc in (self.texts[t] for t in texts)]
+        return self.to_device(collate_text(items))
+
+    def encode_text(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """(B, L, H) text-encoder outputs of encoded texts, and their attention mask."""
+        batch = self.text_batch(texts)
+        return self.model.encode_text(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"]
+
+    def to_device(self, batch: Mapping[str, Tensor]) -> Batch:
+        return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    # bf16 on CUDA as in pre-training; fp32 on CPU (deterministic).
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def fit(module: nn.Module, batch_loss: Callable[[list[int]], Tensor], num_items: int, tcfg: Mapping[str, Any],
+        ecfg: Mapping[str, Any], seed: int, device: torch.device, log: Log, name: str) -> dict[str, Any]:
+    """AdamW with linear warmup and decay over `tcfg["steps"]` steps of `tcfg["batch_size"]` items drawn by
+    `batch_indices`; returns the first loss and the mean loss of the last tenth of the steps."""
+    steps, batch_size = tcfg["steps"], min(tcfg["batch_size"], num_items)
+    optimizer, scheduler = build_optimizer(module, {
+        "steps": steps, "lr": tcfg["lr"], "warmup_steps": round(ecfg["warmup_fraction"] * steps), "decay": "linear",
+        "weight_decay": ecfg["weight_decay"]})
+    losses: list[float] = []
+    report_every = max(1, steps // 5)
+    for step in range(steps):
+        module.train()
+        with _autocast(device):
+            loss = batch_loss(batch_indices(num_items, batch_size, step, seed))
+        loss.backward()
+        if ecfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), ecfg["grad_clip"])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % report_every == 0:
+            log(f"{name} step {step + 1}/{steps} loss {losses[-1]:.4f}")
+    tail = losses[-max(1, steps // 10):]
+    return {"steps": steps, "batch_size": batch_size, "lr": tcfg["lr"], "first_loss": losses[0],
+            "final_loss": sum(tail) / len(tail)}
+
+
+# --- Retrieval ----------------------------------------------------------------------------------------------
+
+
+def retrieval(res: Resources, cfg: Mapping[str, Any], seed: int, log: Log) -> tuple[dict[str, Any], None]:
+    """Fine-tune with VSC + ITM, evaluate zero-shot and fine-tuned retrieval; no head (the model's own)."""
+    ecfg, rcfg = cfg["evaluate"], cfg["evaluate"]["retrieval"]
+    train, test = res.sets[task_data.TRAIN_SPLIT["retrieval"]], res.sets[task_data.EVAL_SPLITS["retrieval"][0]]
+    before = encode_split(res.model, test, res.device, ecfg["eval_batch_size"])
+    zero_shot = retrieval_recalls(before.similarity(), before.text_to_image)
+    tasks = cfg["pretrain"]["tasks"]
+    options = {"vsc": {**tasks["vsc"], "weight": 1.0},
+               "itm": {**tasks["itm"], "weight": 1.0, "sampling": rcfg["itm_sampling"]}}
+    step = PretrainStep(res.model, ["vsc", "itm"], options, torch.Generator().manual_seed(seed))
+
+    def batch_loss(indices: list[int]) -> Tensor:
+        return step(res.to_device(collate([train[i] for i in indices])))[0]
+
+    training = fit(res.model, batch_loss, len(train), rcfg, ecfg, seed, res.device, log, "retrieval")
+    enc = encode_split(res.model, test, res.device, ecfg["eval_batch_size"])
+    similarity = enc.similarity().to(res.device)
+    scorer = itm_pair_scorer(res.model, enc.text_hidden.to(res.device), enc.text_mask.to(res.device),
+                             enc.region_hidden.to(res.device), enc.region_mask.to(res.device))
+    with _autocast(res.device):
+        reranked = rerank(similarity, rcfg["k_text"], rcfg["k_image"], scorer, ecfg["eval_batch_size"],
+                          add_similarity=rcfg["add_similarity"])
+    test_split = task_data.EVAL_SPLITS["retrieval"][0]
+    return {"train": {"examples": len(train), **training},
+            "splits": {test_split: {
+                "images": len(enc.image_ids), "texts": len(enc.caption_ids), "zero_shot": zero_shot,
+                "fine_tuned_vsc": retrieval_recalls(similarity, enc.text_to_image),
+                "fine_tuned_itm": retrieval_recalls(reranked.i2t, enc.text_to_image, t2i_scores=reranked.t2i),
+                "k_text": rcfg["k_text"], "k_image": rcfg["k_image"], "add_similarity": rcfg["add_similarity"],
+                "pairs_scored": reranked.pairs_scored}},
+            "chance": {test_split: chance_recalls(enc.text_to_image)}}, None
+
+
+# --- Tasks on examples (vqa, ve, rec, nlvr2) ----------------------------------------------------------------
+
+
+class ExampleTask(ABC):
+    """What an example task defines: its head, the text of an example, the outputs a batch of examples gives
+    (one row of scores per example, whose argmax is the prediction; -inf on padding), the training loss, the
+    report of predictions and the chance levels."""
+
+    head: nn.Module | None = None
+
+    def __init__(self, res: Resources, cfg: Mapping[str, Any], train: Sequence[Any]) -> None:
+        self.res, self.cfg = res, cfg
+
+    @abstractmethod
+    def text(self, example: Any) -> str: ...
+
+    @abstractmethod
+    def outputs(self, examples: Sequence[Any]) -> Tensor: ...
+
+    @abstractmethod
+    def loss(self, outputs: Tensor, examples: Sequence[Any]) -> Tensor: ...
+
+    @abstractmethod
+    def report(self, predictions: list[int], examples: Sequence[Any]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def chance(self, examples: Sequence[Any]) -> dict[str, float]: ...
+
+
+class ClassificationTask(ExampleTask):
+    """Cross-entropy over `labels` on MLPHead(pooled); VE (one image) and NLVR2 (two) differ in `features`."""
+
+    labels: tuple[str, ...] = ()
+    images_per_example = 1
+
+    def __init__(self, res: Resources, cfg: Mapping[str, Any], train: Sequence[Any]) -> None:
+        super().__init__(res, cfg, train)
+        hidden = res.model.config.hidden_size
+        self.head = MLPHead(self.images_per_example * hidden, len(self.labels)).to(res.device)
+        self.majority = Counter(ex.label for ex in train).most_common(1)[0][0]
+
+    def outputs(self, examples: Sequence[Any]) -> Tensor:
+        return self.head(self.features(examples))
+
+    @abstractmethod
+    def features(self, examples: Sequence[Any]) -> Tensor: ...
+
+    def loss(self, outputs: Tensor, examples: Sequence[Any]) -> Tensor:
+        labels = torch.tensor([ex.label for ex in examples], device=outputs.device)
+        return F.cross_entropy(outputs.float(), labels)
+
+    def report(self, predictions: list[int], examples: Sequence[Any]) -> dict[str, Any]:
+        return classification_report(predictions, [ex.label for ex in examples], self.labels)
+
+    def chance(self, examples: Sequence[Any]) -> dict[str, float]:
+        majority = 100.0 * sum(ex.label == self.majority for ex in examples) / len(examples)
+        return {"chance": 100.0 / len(self.labels), "majority": majority}
+
+
+class VisualEntailment(ClassificationTask):
+    labels = task_data.VE_LABELS
+
+    def text(self, example: task_data.VEExample) -> str:
+        return example.hypothesis
+
+    def features(self, examples: Sequence[task_data.VEExample]) -> Tensor:
+        text, mask = self.res.encode_text([ex.hypothesis for ex in examples])
+        return pooled(self.res.model, text, mask, self.res.image_batch([ex.image_id for ex in examples]))
+
+
+class NLVR2(ClassificationTask):
+    labels = task_data.NLVR2_LABELS
+    images_per_example = 2
+
+    def text(self, example: task_data.NLVR2Example) -> str:
+        return example.sentence
+
+    def features(self, examples: Sequence[task_data.NLVR2Example]) -> Tensor:
+        # One text encoding, two cross-modal passes (one per image), as NLVR2 models pair the images.
+        text, mask = self.res.encode_text([ex.sentence for ex in examples])
+        model, images = self.res.model, self.res.image_batch
+        left = pooled(model, text, mask, images([ex.left_image_id for ex in examples]))
+        right = pooled(model, text, mask, images([ex.right_image_id for ex in examples]))
+        return torch.cat([left, right], dim=-1)
+
+
+def answer_vocabulary(examples: Sequence[task_data.VQAExample], max_answers: int | None = None) -> list[str]:
+    """Every normalised human answer of the training questions, most frequent first (ties alphabetical)."""
+    counts = Counter(normalize_answer(answer) for ex in examples for answer in ex.answers)
+    ranked = sorted(counts, key=lambda answer: (-counts[answer], answer))
+    return ranked[:max_answers] if max_answers else ranked
+
+
+class VQA(ExampleTask):
+    def __init__(self, res: Resources, cfg: Mapping[str, Any], train: Sequence[task_data.VQAExample]) -> None:
+        super().__init__(res, cfg, train)
+        self.answers = answer_vocabulary(train, cfg["evaluate"]["vqa"]["max_answers"])
+        self.index = {answer: i for i, answer in enumerate(self.answers)}
+        self.head = MLPHead(res.model.config.hidden_size, len(self.answers)).to(res.device)
+
+    def text(self, example: task_data.VQAExample) -> str:
+        return example.question
+
+    def outputs(self, examples: Sequence[task_data.VQAExample]) -> Tensor:
+        text, mask = self.res.encode_text([ex.question for ex in examples])
+        return self.head(pooled(self.res.model, text, mask, self.res.image_batch([ex.image_id for ex in examples])))
+
+    def targets(self, examples: Sequence[task_data.VQAExample]) -> Tensor:
+        """(B, answers) soft scores: the VQA accuracy each vocabulary answer would get (0 if out of vocabulary)."""
+        out = torch.zeros(len(examples), len(self.answers))
+        for row, ex in enumerate(examples):
+            for answer, score in vqa_soft_scores(ex.answers).items():
+                if answer in self.index:
+                    out[row, self.index[answer]] = score
+        return out
+
+    def loss(self, outputs: Tensor, examples: Sequence[task_data.VQAExample]) -> Tensor:
+        # Summed over answers, averaged over questions (VinVL: mean BCE times the number of answers).
+        targets = self.targets(examples).to(outputs.device)
+        return F.binary_cross_entropy_with_logits(outputs.float(), targets, reduction="sum") / len(examples)
+
+    def report(self, predictions: list[int], examples: Sequence[task_data.VQAExample]) -> dict[str, Any]:
+        return vqa_report(self._records([self.answers[p] for p in predictions], examples))
+
+    def chance(self, examples: Sequence[task_data.VQAExample]) -> dict[str, float]:
+        # Uniform: the mean over questions of the mean VQA accuracy of the vocabulary's answers.
+        uniform = sum(self.targets(examples).sum(dim=1).tolist()) / (len(examples) * len(self.answers))
+        majority = vqa_report(self._records([self.answers[0]] * len(examples), examples))["overall"]
+        return {"chance": 100.0 * uniform, "majority": majority}
+
+    @staticmethod
+    def _records(predictions: Sequence[str], examples: Sequence[task_data.VQAExample]) -> list[dict[str, Any]]:
+        return [{"question_type": ex.question_type, "answer_type": ex.answer_type, "prediction": prediction,
+                 "answers": ex.answers} for prediction, ex in zip(predictions, examples, strict=True)]
+
+
+def iou_targets(region_boxes: Tensor, gold_box: Sequence[float]) -> Tensor:
+    """(R,) IoU of each region (normalised [x1, y1, x2, y2, w, h] boxes, (R, 6)) with the normalised gold box."""
+    gold = torch.tensor([list(gold_box)], dtype=torch.float32)
+    return box_iou(region_boxes[:, :4].float(), gold)[:, 0]
+
+
+class ReferringExpressions(ExampleTask):
+    def __init__(self, res: Resources, cfg: Mapping[str, Any], train: Sequence[task_data.RefExample]) -> None:
+        super().__init__(res, cfg, train)
+        self.layer = cfg["evaluate"]["rec"]["layer"]
+
+    def text(self, example: task_data.RefExample) -> str:
+        return example.expression
+
+    def outputs(self, examples: Sequence[task_data.RefExample]) -> Tensor:
+        text, mask = self.res.encode_text([ex.expression for ex in examples])
+        images = self.res.image_batch([ex.image_id for ex in examples])
+        return region_scores(self.res.model, text, mask, images, self.layer)
+
+    def regions(self, example: task_data.RefExample) -> Tensor:
+        """(R, 6) the example's region boxes."""
+        return torch.from_numpy(self.res.image_item(example.image_id)["region_boxes"])
+
+    def loss(self, outputs: Tensor, examples: Sequence[task_data.RefExample]) -> Tensor:
+        valid = torch.isfinite(outputs)
+        targets = torch.zeros_like(outputs)
+        for row, ex in enumerate(examples):
+            iou = iou_targets(self.regions(ex), ex.gold_box)
+            targets[row, : len(iou)] = iou.to(outputs.device)
+        return F.mse_loss(outputs[valid], targets[valid])
+
+    def report(self, predictions: list[int], examples: Sequence[task_data.RefExample]) -> dict[str, Any]:
+        chosen = torch.stack([self.regions(ex)[p, :4] for p, ex in zip(predictions, examples, strict=True)])
+        gold = torch.tensor([list(ex.gold_box) for ex in examples], dtype=torch.float32)
+        return {"accuracy": grounding_accuracy(chosen.float(), gold)}
+
+    def chance(self, examples: Sequence[task_data.RefExample]) -> dict[str, float]:
+        hits = [(iou_targets(self.regions(ex), ex.gold_box) >= 0.5).double().mean().item() for ex in examples]
+        return {"chance": 100.0 * sum(hits) / len(hits)}
+
+
+EXAMPLE_TASKS: dict[str, type[ExampleTask]] = {"vqa": VQA, "ve": VisualEntailment, "rec": ReferringExpressions,
+                                               "nlvr2": NLVR2}
+
+
+@torch.no_grad()
+def predict(task: ExampleTask, examples: Sequence[Any], batch_size: int) -> list[int]:
+    task.res.model.eval()
+    if task.head is not None:
+        task.head.eval()
+    predictions: list[int] = []
+    for start in range(0, len(examples), batch_size):
+        with _autocast(task.res.device):
+            outputs = task.outputs(examples[start:start + batch_size])
+        predictions += outputs.float().argmax(dim=1).tolist()
+    return predictions
+
+
+def example_task(res: Resources, cfg: Mapping[str, Any], name: str, paths: TaskPaths, seed: int,
+                 log: Log) -> tuple[dict[str, Any], nn.Module | None]:
+    """Fine-tune on the task's training examples and evaluate on its evaluation splits; returns the head."""
+    ecfg = cfg["evaluate"]
+    by_file = task_data.image_ids_by_file(paths.dataset)
+    read = {split: task_data.read_task(paths.dataset, name, split, by_file)
+            for split in (task_data.TRAIN_SPLIT[name], *task_data.EVAL_SPLITS[name])}
+    # Examples whose image is in no region store (skipped as unreadable) cannot be used.
+    usable = {split: [ex for ex in examples if all(map(res.has_image, _image_ids(ex)))]
+              for split, examples in read.items()}
+    train = usable.pop(task_data.TRAIN_SPLIT[name])
+    if not train:
+        raise DataError(f"{paths.dataset}: {name} has no training example whose images are in the region stores")
+    # A small world may leave an evaluation split empty (e.g. no RefCOCO testB expression): it gets no metrics.
+    usable = {split: examples for split, examples in usable.items() if examples}
+    task = EXAMPLE_TASKS[name](res, cfg, train)
+    started = time.monotonic()
+    res.encode_texts([task.text(ex) for examples in (train, *usable.values()) for ex in examples])
+    log(f"{name}: parsed and encoded {len(res.texts)} distinct texts in {time.monotonic() - started:.1f}s")
+    module = with_head(res.model, task.head)
+
+    def batch_loss(indices: list[int]) -> Tensor:
+        examples = [train[i] for i in indices]
+        return task.loss(task.outputs(examples), examples)
+
+    training = fit(module, batch_loss, len(train), ecfg[name], ecfg, seed, res.device, log, name)
+    splits = {split: {"examples": len(examples), **task.report(predict(task, examples, ecfg["eval_batch_size"]),
+                                                                examples)}
+              for split, examples in usable.items()}
+    result = {"train": {"examples": len(train), **training}, "splits": splits,
+              "chance": {split: task.chance(examples) for split, examples in usable.items()},
+              "skipped_examples": sum(len(read[s]) for s in read) - len(train) - sum(map(len, usable.values()))}
+    if isinstance(task, VQA):
+        result["answers"] = len(task.answers)
+    return result, task.head
+
+
+def with_head(model: nn.Module, head: nn.Module | None) -> nn.ModuleDict:
+    """The fine-tuned parameters as one module: `model.*` (+ `head.*`), what is optimised and saved."""
+    return nn.ModuleDict({"model": model, **({"head": head} if head is not None else {})})
+
+
+def _image_ids(example: Any) -> tuple[int, ...]:
+    if isinstance(example, task_data.NLVR2Example):
+        return example.left_image_id, example.right_image_id
+    return (example.image_id,)
+
+
+def finetune(cfg: Mapping[str, Any], task: str, paths: TaskPaths, *, log: Log = print) -> dict[str, Any]:
+    """Fine-tune `paths.weights` on `task` and evaluate it; saves model (+ head) to `paths.save_to` if set."""
+    if task not in task_data.TASKS:
+        raise ValueError(f"unknown downstream task {task!r}; tasks: {', '.join(task_data.TASKS)}")
+    started = time.monotonic()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Dropout draws from the global generator: seeded per (seed, task), as are the heads' initialisation.
+    seed = cfg["seed"] * 1000 + task_data.TASKS.index(task)
+    torch.manual_seed(seed)
+    res = Resources(cfg, paths, device)
+    if task == "retrieval":
+        result, head = retrieval(res, cfg, seed, log)
+    else:
+        result, head = example_task(res, cfg, task, paths, seed, log)
+    if paths.save_to is not None:
+        tmp = Path(paths.save_to).with_name(Path(paths.save_to).name + ".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        save_model(with_head(res.model, head), str(tmp))
+        tmp.replace(paths.save_to)
+    seconds = time.monotonic() - started
+    log(f"{task}: done in {seconds:.1f}s")
+    return {"task": task, "weights": str(paths.weights), **result, "seconds": round(seconds, 1)}
+
+
+def flat_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric leaves of a result, keys joined with '/' and made MLflow-safe (no '@', quotes, ...)."""
+    out: dict[str, float] = {}
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            name = prefix + "".join(c if c.isalnum() or c in "_-. /" else "_" for c in str(key))
+            if isinstance(value, Mapping):
+                walk(value, name + "/")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                out[name] = float(value)
+
+    walk(result, "")
+    return out

@@ -1,0 +1,193 @@
+"""Readers of the downstream task files (VQA v2, SNLI-VE, RefCOCO, NLVR2) in their public formats -> examples.
+
+Why: fine-tuning (`mvptr.evaluate.finetune`) works on plain examples - a text, the image(s) it is about and
+its label - whatever the dataset. The synthetic world writes its task files in the public formats
+(`mvptr.data.synthetic.tasks`), so the same readers serve it and the real datasets. Records carry image ids
+where the synthetic world writes them; public SNLI-VE and NLVR2 name image files instead, which `by_file`
+(file name -> image id, `image_ids_by_file`) resolves.
+
+    vqa      vqa/v2_OpenEnded_mscoco_{split}_questions.json + vqa/v2_mscoco_{split}_annotations.json
+             (split: train | val | test), one example per question with its 10 human answers
+    ve       snli_ve/snli_ve_{split}.jsonl (train | dev | test), the hypothesis against the image
+    rec      refcoco/refs.json (split field: train | val | testA | testB), one example per sentence; the gold
+             box is the referred annotation's (annotations/instances.json), as normalised [x1, y1, x2, y2]
+    nlvr2    nlvr2/{split}.json, JSON lines (train | dev | test1), a statement about a left and a right image
+
+Use:
+    examples = read_task(dataset_dir, "vqa", "train")         # list[VQAExample]
+    TRAIN_SPLIT["ve"], EVAL_SPLITS["rec"]                      # "train", ("val", "testA", "testB")
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mvptr.data.coco import DataError, dataset_paths, read_json
+
+TASKS = ("retrieval", "vqa", "ve", "rec", "nlvr2")
+# Each task's training split and the splits it is evaluated on, in the task's own split names.
+TRAIN_SPLIT = {"retrieval": "train", "vqa": "train", "ve": "train", "rec": "train", "nlvr2": "train"}
+EVAL_SPLITS = {"retrieval": ("test",), "vqa": ("val", "test"), "ve": ("dev", "test"),
+               "rec": ("val", "testA", "testB"), "nlvr2": ("dev", "test1")}
+VE_LABELS = ("entailment", "neutral", "contradiction")
+NLVR2_LABELS = ("false", "true")
+
+
+@dataclass(frozen=True)
+class VQAExample:
+    question_id: int
+    image_id: int
+    question: str
+    question_type: str
+    answer_type: str | None
+    answers: tuple[str, ...]  # the human answers (10 in VQA v2)
+
+
+@dataclass(frozen=True)
+class VEExample:
+    pair_id: str
+    image_id: int
+    hypothesis: str
+    label: int  # index into VE_LABELS
+
+
+@dataclass(frozen=True)
+class RefExample:
+    ref_id: int
+    sent_id: int
+    image_id: int
+    expression: str
+    gold_box: tuple[float, float, float, float]  # [x1/W, y1/H, x2/W, y2/H] of the referred object
+
+
+@dataclass(frozen=True)
+class NLVR2Example:
+    identifier: str
+    left_image_id: int
+    right_image_id: int
+    sentence: str
+    label: int  # index into NLVR2_LABELS
+
+
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file; a malformed line is named by its number."""
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"malformed JSON in {path} line {number}: {err.msg}") from err
+    return records
+
+
+def image_ids_by_file(dataset_dir: Path | str) -> dict[str, int]:
+    """file name -> image id of every image of the prepared dataset (from its captions file)."""
+    captions = read_json(dataset_paths(Path(dataset_dir))["captions"])
+    return {image["file_name"]: int(image["id"]) for image in captions["images"]}
+
+
+def _image_id(record: Mapping[str, Any], id_key: str, file_name: str, by_file: Mapping[str, int] | None,
+              path: Path) -> int:
+    if id_key in record:
+        return int(record[id_key])
+    if by_file is None or file_name not in by_file:
+        raise DataError(f"{path}: a record names image {file_name!r}, which the dataset does not have")
+    return by_file[file_name]
+
+
+def _field(record: Mapping[str, Any], key: str, path: Path) -> Any:
+    try:
+        return record[key]
+    except (KeyError, TypeError):
+        raise DataError(f"{path}: a record lacks {key!r}: {str(record)[:200]}") from None
+
+
+def read_vqa(dataset_dir: Path, split: str) -> list[VQAExample]:
+    questions_path = dataset_dir / "vqa" / f"v2_OpenEnded_mscoco_{split}_questions.json"
+    annotations_path = dataset_dir / "vqa" / f"v2_mscoco_{split}_annotations.json"
+    questions = {int(q["question_id"]): q for q in _field(read_json(questions_path), "questions", questions_path)}
+    examples = []
+    for ann in _field(read_json(annotations_path), "annotations", annotations_path):
+        question_id = int(_field(ann, "question_id", annotations_path))
+        if question_id not in questions:
+            raise DataError(f"{annotations_path}: question {question_id} is not in {questions_path}")
+        examples.append(VQAExample(
+            question_id=question_id, image_id=int(ann["image_id"]), question=questions[question_id]["question"],
+            question_type=str(ann["question_type"]), answer_type=ann.get("answer_type"),
+            answers=tuple(str(a["answer"]) for a in _field(ann, "answers", annotations_path))))
+    return examples
+
+
+def read_snli_ve(dataset_dir: Path, split: str, by_file: Mapping[str, int] | None = None) -> list[VEExample]:
+    path = dataset_dir / "snli_ve" / f"snli_ve_{split}.jsonl"
+    examples = []
+    for record in read_json_lines(path):
+        label = _field(record, "gold_label", path)
+        if label not in VE_LABELS:
+            raise DataError(f"{path}: pair {record.get('pairID')} has gold_label {label!r}, not one of {VE_LABELS}")
+        image_id = _image_id(record, "image_id", str(record.get("Flikr30kID")), by_file, path)
+        examples.append(VEExample(str(record["pairID"]), image_id, str(_field(record, "sentence2", path)),
+                                  VE_LABELS.index(label)))
+    return examples
+
+
+def read_refcoco(dataset_dir: Path, split: str) -> list[RefExample]:
+    refs_path = dataset_dir / "refcoco" / "refs.json"
+    instances_path = dataset_paths(dataset_dir)["instances"]
+    if instances_path is None:
+        raise DataError(f"{dataset_dir} has no instances file: RefCOCO's gold boxes come from it")
+    instances = read_json(instances_path)
+    boxes = {int(a["id"]): a["bbox"] for a in _field(instances, "annotations", instances_path)}
+    sizes = {int(i["id"]): (float(i["width"]), float(i["height"])) for i in instances["images"]}
+    examples = []
+    for ref in read_json(refs_path):
+        if _field(ref, "split", refs_path) != split:
+            continue
+        ann_id, image_id = int(ref["ann_id"]), int(ref["image_id"])
+        if ann_id not in boxes:
+            raise DataError(f"{refs_path}: ref {ref['ref_id']} names annotation {ann_id}, not in {instances_path}")
+        x, y, w, h = boxes[ann_id]
+        width, height = sizes[image_id]
+        gold = (x / width, y / height, (x + w) / width, (y + h) / height)
+        examples += [RefExample(int(ref["ref_id"]), int(s["sent_id"]), image_id, str(s["sent"]), gold)
+                     for s in _field(ref, "sentences", refs_path)]
+    return examples
+
+
+def read_nlvr2(dataset_dir: Path, split: str, by_file: Mapping[str, int] | None = None) -> list[NLVR2Example]:
+    path = dataset_dir / "nlvr2" / f"{split}.json"
+    examples = []
+    for record in read_json_lines(path):
+        identifier = str(_field(record, "identifier", path))
+        # Public NLVR2 names its images after the identifier: "<split>-<set>-<pair>-img0.png" and "-img1.png".
+        stem = "-".join(identifier.split("-")[:3])
+        left = _image_id(record, "left_image_id", record.get("left_file", f"{stem}-img0.png"), by_file, path)
+        right = _image_id(record, "right_image_id", record.get("right_file", f"{stem}-img1.png"), by_file, path)
+        label = str(_field(record, "label", path)).lower()
+        if label not in NLVR2_LABELS:
+            raise DataError(f"{path}: {identifier} has label {record['label']!r}, not True or False")
+        examples.append(NLVR2Example(identifier, left, right, str(_field(record, "sentence", path)),
+                                     NLVR2_LABELS.index(label)))
+    return examples
+
+
+def read_task(dataset_dir: Path | str, task: str, split: str,
+              by_file: Mapping[str, int] | None = None) -> list[Any]:
+    """The examples of `task` (vqa | ve | rec | nlvr2) in `split` (the task's own split name)."""
+    dataset_dir = Path(dataset_dir)
+    if task == "vqa":
+        return read_vqa(dataset_dir, split)
+    if task == "ve":
+        return read_snli_ve(dataset_dir, split, by_file)
+    if task == "rec":
+        return read_refcoco(dataset_dir, split)
+    if task == "nlvr2":
+        return read_nlvr2(dataset_dir, split, by_file)
+    raise ValueError(f"no task file reader for {task!r}; readers: vqa, ve, rec, nlvr2")

@@ -1,0 +1,37 @@
+"""Downstream rules: one `evaluate_<task>` rule per task (retrieval, vqa, ve, rec, nlvr2) fine-tunes an
+ablation's stage-two weights on the task and evaluates it (`mvptr evaluate run`, through submitit), writing the
+task's metrics JSON and logging them to MLflow. The `no_pretraining` ablation (no training steps) gives the
+same fine-tuning from a randomly initialised model."""
+
+for task in EVAL_TASKS:
+
+    rule:
+        name:
+            f"evaluate_{task}"
+        input:
+            dataset="resources/datasets/{dataset}",
+            concepts="results/{dataset}/concepts/concepts.json",
+            vocab="results/{dataset}/concepts/concept_vocab.json",
+            regions="results/{dataset}/regions",
+            weights="results/{dataset}/{ablation}/pretrain_stage2/model.safetensors",
+        output:
+            f"results/{{dataset}}/{{ablation}}/evaluate/{task}.json",
+        log:
+            f"results/logs/evaluate_{task}/{{dataset}}/{{ablation}}.log",
+        benchmark:
+            f"results/benchmarks/rules/evaluate_{task}/{{dataset}}/{{ablation}}.tsv"
+        conda:
+            "../../environment.yml"
+        # The fine-tuning job uses launch.cpus_per_task torch threads: two jobs at once on 2 cores thrash.
+        threads: 2
+        resources:
+            launch=LAUNCH_ARGS,
+        params:
+            task=task,
+            job_dir=f"results/logs/evaluate_{task}/{{dataset}}/{{ablation}}.submitit",
+            config=lambda wildcards: config_args(TRAIN_KEYS, wildcards.ablation),
+        shell:
+            "MVPTR_RULE=evaluate_{params.task} mvptr evaluate run --task {params.task} "
+            "--dataset {input.dataset} --concepts {input.concepts} --vocab {input.vocab} "
+            "--regions {input.regions} --weights {input.weights} --job-dir {params.job_dir} "
+            "--out {output} {params.config} {resources.launch} > {log} 2>&1"
