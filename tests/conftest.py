@@ -46,3 +46,22 @@ def slurm() -> None:
         pytest.skip("slurm_up.sh did not finish in 300 s")
     if proc.returncode != 0:
         pytest.skip(f"slurm_up.sh failed ({proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}")
+
+
+def quiet(_: str) -> None:
+    """A `log` that prints nothing."""
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny world with its concepts, vocabulary and region stores, built with the CLI as the workflow does."""
+    root = tmp_path_factory.mktemp("artifacts")
+    world, concepts, vocab, regions = root / "world", root / "concepts.json", root / "vocab.json", root / "regions"
+    run_mvptr("data", "synth", "--size", "tiny", "--seed", "0", "--out", str(world), check=True)
+    run_mvptr("concepts", "extract", "--dataset", str(world), "--out", str(concepts), "--n-process", "1",
+              "concepts.min_count=2", check=True)
+    run_mvptr("concepts", "vocab", "--dataset", str(world), "--concepts", str(concepts), "--out", str(vocab),
+              "concepts.min_count=2", check=True)
+    run_mvptr("regions", "extract", "--dataset", str(world), "--out", str(regions), "regions.backbone.epochs=2",
+              check=True)
+    return {"dataset": world, "concepts": concepts, "vocab": vocab, "regions": regions}

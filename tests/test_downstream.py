@@ -1,7 +1,7 @@
 """Tests of downstream fine-tuning (mvptr.evaluate.task_data, heads, finetune, commands) on the tiny world.
 
-The artifacts (tiny synthetic world, concepts, vocabulary, region stores) are built once per module through
-the `mvptr` CLI by test_train's fixture, and a never-trained model (stage 0) is saved; the model is
+The artifacts (tiny synthetic world, concepts, vocabulary, region stores) are built once per session through
+the `mvptr` CLI by conftest's fixture, and a never-trained model (stage 0) is saved; the model is
 shrunk to 1+1+1 layers at width 32 and each task runs a few steps, so every task runs end to end in seconds.
 Run: `.venv/bin/python -m pytest -q tests/test_downstream.py` (about a minute on 2 cores).
 """
@@ -17,9 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_model
 
-from conftest import run_mvptr
+from conftest import quiet, run_mvptr
 # The tiny world, concepts, vocabulary and region stores, built through the CLI as the workflow builds them.
-from test_train import artifacts, quiet  # noqa: F401 (artifacts: a pytest fixture)
 from mvptr.config import load_config
 from mvptr.data.coco import DataError, read_json
 from mvptr.evaluate import task_data

@@ -1,7 +1,7 @@
 """Tests of pre-training (mvptr.train): determinism, SIGKILL + resume, gloo DDP gradients, stages and sharing.
 
-The artifacts (tiny synthetic world, concepts, vocabulary, region stores) are built once per module through
-the `mvptr` CLI, as the workflow builds them; the model is shrunk to 1+1+1 layers at width 32 so that a step
+The artifacts (tiny synthetic world, concepts, vocabulary, region stores) are built once per session through
+the `mvptr` CLI, as the workflow builds them (conftest.py); the model is shrunk to 1+1+1 layers at width 32 so that a step
 takes milliseconds. Run: `.venv/bin/pytest tests/test_train.py` (about a minute on 2 cores).
 """
 
@@ -22,7 +22,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_mvptr
+from conftest import ROOT, quiet, run_mvptr
 from mvptr.config import config_hash, load_config
 from mvptr.train.loop import FINAL_WEIGHTS, StagePaths, train_stage
 from mvptr.train.stages import stage1_keys, stage_tasks
@@ -31,24 +31,6 @@ SMALL = ["model.hidden_size=32", "model.num_text_layers=1", "model.num_visual_la
          "model.num_attention_heads=2", "model.intermediate_size=64", "pretrain.log_every=1",
          "pretrain.stage1.batch_size=8", "pretrain.stage2.batch_size=8", "pretrain.checkpoint_every=5",
          "pretrain.stage1.steps=3", "pretrain.stage2.steps=20", "pretrain.stage2.warmup_steps=2"]
-
-
-def quiet(_: str) -> None:
-    """A `log` that prints nothing."""
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("artifacts")
-    world, concepts, vocab, regions = root / "world", root / "concepts.json", root / "vocab.json", root / "regions"
-    run_mvptr("data", "synth", "--size", "tiny", "--seed", "0", "--out", str(world), check=True)
-    run_mvptr("concepts", "extract", "--dataset", str(world), "--out", str(concepts), "--n-process", "1",
-              "concepts.min_count=2", check=True)
-    run_mvptr("concepts", "vocab", "--dataset", str(world), "--concepts", str(concepts), "--out", str(vocab),
-              "concepts.min_count=2", check=True)
-    run_mvptr("regions", "extract", "--dataset", str(world), "--out", str(regions), "regions.backbone.epochs=2",
-              check=True)
-    return {"dataset": world, "concepts": concepts, "vocab": vocab, "regions": regions}
 
 
 def paths(artifacts: dict[str, Path], ckpt_dir: Path, init: Path | None = None) -> StagePaths:
