@@ -156,7 +156,7 @@ def test_compare_writes_csv_md_and_charts(store: str, study: dict, tmp_path: Pat
     log_study(study)
     experiment = tracking.experiment_name(study)
     out = tmp_path / "summary"
-    run_compare("--tracking-uri", store, "--experiment", experiment, "--out-dir", str(out))
+    run_compare("--tracking-uri", store, "--experiment", experiment, "--out-dir", str(out), "--metrics", "*")
 
     table = pd.read_csv(out / "ablations.csv", index_col="ablation")
     assert list(table.index) == ["full", "a_no_concepts", "z_no_wpg"]
@@ -183,8 +183,14 @@ def test_compare_writes_csv_md_and_charts(store: str, study: dict, tmp_path: Pat
     # only some ablations, asked for out of order: still `full` first
     only = tmp_path / "only"
     run_compare("--tracking-uri", store, "--experiment", experiment, "--out-dir", str(only),
-                "--ablations", "z_no_wpg", "full")
+                "--ablations", "z_no_wpg", "full", "--metrics", "*")
     assert list(pd.read_csv(only / "ablations.csv", index_col="ablation").index) == ["full", "z_no_wpg"]
+
+    # only the columns matching the patterns (the default keeps each downstream task's headline metrics)
+    picked = tmp_path / "picked"
+    run_compare("--tracking-uri", store, "--experiment", experiment, "--out-dir", str(picked),
+                "--metrics", "retrieval/r1", "vqa/*")
+    assert list(pd.read_csv(picked / "ablations.csv", index_col="ablation").columns) == ["retrieval/r1", "vqa/acc"]
 
     # the Python entry point gives the same table; --stage pretrain reads the other stage instead
     frame = summary_table(tracking.client(store), experiment, ["evaluate"])

@@ -196,3 +196,16 @@ def test_cli_runs_a_stage_through_submitit_and_writes_outputs(artifacts, stage1,
     assert (tmp_path / "job" / "job.json").is_file(), proc.stdout
     # The finished stage leaves no checkpoint behind: a forced rerun trains anew.
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_checkpoint_left_by_another_study_starts_a_new_mlflow_run(artifacts, tmp_path):
+    from mvptr import tracking
+
+    other = tracking.open_run(load_config([*SMALL, "seed=5"]), stage="pretrain_stage1", task="pretrain")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "run.json").write_text(json.dumps({"mlflow_run_id": other}))
+    messages = []
+    result = train_stage(load_config(SMALL), 1, paths(artifacts, ckpt), log=messages.append)
+    assert result["completed"] and result["mlflow_run_id"] not in (None, other)
+    assert any(f"not resuming MLflow run {other}" in m for m in messages)

@@ -17,6 +17,7 @@ Use:
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import math
 import re
@@ -74,8 +75,10 @@ def latest_runs(client: MlflowClient, experiment: str, stages: Sequence[str],
 
 
 def summary_table(client: MlflowClient, experiment: str, stages: Sequence[str],
-                  ablations: Sequence[str] | None = None) -> pd.DataFrame:
+                  ablations: Sequence[str] | None = None, metrics: Sequence[str] | None = None) -> pd.DataFrame:
     """Rows: ablations (`full` first, then alphabetical); columns: `<task>/<metric>`, sorted; cells: final values.
+
+    `metrics`: shell-style patterns (fnmatch) of the columns to keep (default: every metric of the runs).
 
     Ablations asked for by name but without runs get a row of NaN, so that the gap shows in the summary.
     Raises NoRunsError when nothing matches at all.
@@ -91,7 +94,9 @@ def summary_table(client: MlflowClient, experiment: str, stages: Sequence[str],
     for (ablation, task), run in runs.items():
         row = cells.setdefault(ablation, {})
         for metric, value in run.data.metrics.items():
-            row[f"{task}/{metric}"] = float(value)
+            column = f"{task}/{metric}"
+            if metrics is None or any(fnmatch.fnmatchcase(column, pattern) for pattern in metrics):
+                row[column] = float(value)
     rows = ablation_order([*cells, *(ablations or [])])
     columns = sorted({column for row in cells.values() for column in row})
     table = pd.DataFrame.from_dict(cells, orient="index").reindex(index=rows, columns=columns).astype("float64")

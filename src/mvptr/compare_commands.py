@@ -19,6 +19,12 @@ from pathlib import Path
 from mvptr.config import add_config_arguments
 
 
+# The headline numbers of each downstream task (the MLflow metric names of `mvptr evaluate run`): retrieval's
+# R@1 and R-sum zero-shot, fine-tuned and re-ranked; VQA's overall accuracy; the others' accuracy per split.
+HEADLINE_METRICS = ["retrieval/splits/*/*/r_sum", "retrieval/splits/*/*/*_r_at_1", "vqa/splits/*/overall",
+                    "ve/splits/*/accuracy", "rec/splits/*/accuracy", "nlvr2/splits/*/accuracy"]
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     from mvptr.compare import NoRunsError, summary_table, write_summary
     from mvptr.tracking import client, experiment_name, sqlite_path, tracking_uri
@@ -35,7 +41,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         raise SystemExit(2)
     mc = client(uri)
     try:
-        table = summary_table(mc, args.experiment, args.stage, args.ablations)
+        table = summary_table(mc, args.experiment, args.stage, args.ablations, args.metrics or None)
     except NoRunsError as err:
         print(f"mvptr compare: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
@@ -59,5 +65,8 @@ def register(groups: argparse._SubParsersAction) -> None:
     compare.add_argument("--stage", nargs="+", default=["evaluate"],
                          help="stage tags of the runs to read (default evaluate)")
     compare.add_argument("--ablations", nargs="+", default=None, help="only these ablations (default all)")
+    compare.add_argument("--metrics", nargs="+", default=HEADLINE_METRICS,
+                         help="shell-style patterns of the <task>/<metric> columns to keep; '*' keeps every metric "
+                              "(default: the headline metric of each downstream task)")
     add_config_arguments(compare)  # the config whose dataset names the default experiment
     compare.set_defaults(func=cmd_compare)

@@ -114,7 +114,7 @@ def _mean_logs(history: list[dict[str, float]]) -> dict[str, float]:
 class _Tracker:
     """Rank 0's MLflow run: created on the first start (its id kept in run.json), reused on every resume."""
 
-    def __init__(self, cfg: Mapping[str, Any], stage: int, ckpt_dir: Path, env: Env) -> None:
+    def __init__(self, cfg: Mapping[str, Any], stage: int, ckpt_dir: Path, env: Env, log: Log) -> None:
         self.run_id: str | None = None
         if not env.is_main:
             return
@@ -125,8 +125,12 @@ class _Tracker:
         previous = json.loads(run_file.read_text())["mlflow_run_id"] if run_file.is_file() else None
         # A requeued job may run elsewhere (launch.*) or log at another cadence: warn, do not stop, when a
         # param differs from what the run logged first (MLflow params are write-once).
-        self.run_id = tracking.open_run(cfg, stage=f"pretrain_stage{stage}", task="pretrain", run_id=previous,
-                                        on_param_conflict="warn")
+        try:
+            self.run_id = tracking.open_run(cfg, stage=f"pretrain_stage{stage}", task="pretrain", run_id=previous,
+                                            on_param_conflict="warn")
+        except tracking.ResumeConflict as err:  # the run is another study's (an older checkpoint): a new run
+            log(f"not resuming MLflow run {previous}: {err}; starting a new run")
+            self.run_id = tracking.open_run(cfg, stage=f"pretrain_stage{stage}", task="pretrain")
         atomic_write_json(run_file, {"mlflow_run_id": self.run_id})
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
@@ -200,7 +204,7 @@ def _train(cfg: Mapping[str, Any], stage: int, model: MVPTRModel, tasks: list[st
         else:
             log(f"resuming on {env.world_size} ranks a run saved on {len(state['rng'])}: fresh random states")
         log(f"stage {stage}: resumed at step {start} from {ckpt_dir}")
-    tracker = _Tracker(cfg, stage, ckpt_dir, env)
+    tracker = _Tracker(cfg, stage, ckpt_dir, env, log)
     steps, accum = scfg["steps"], pcfg["grad_accum"]
     end = steps if stop_after is None else min(steps, start + stop_after)
     micro = scfg["batch_size"] // env.world_size // accum
