@@ -61,6 +61,7 @@ from mvptr.evaluate.metrics import (box_iou, classification_report, grounding_ac
                                     retrieval_recalls, vqa_report, vqa_soft_scores)
 from mvptr.evaluate.rerank import itm_pair_scorer, rerank
 from mvptr.evaluate.zero_shot import chance_recalls
+from mvptr.progress import Progress
 from mvptr.train.distributed import batch_indices
 from mvptr.train.loop import build_model
 from mvptr.train.objectives import PretrainStep
@@ -155,7 +156,7 @@ def fit(module: nn.Module, batch_loss: Callable[[list[int]], Tensor], num_items:
         "steps": steps, "lr": tcfg["lr"], "warmup_steps": round(ecfg["warmup_fraction"] * steps), "decay": "linear",
         "weight_decay": ecfg["weight_decay"]})
     losses: list[float] = []
-    report_every = max(1, steps // 5)
+    progress = Progress(f"{name} fine-tuning", steps, "steps", log)
     for step in range(steps):
         module.train()
         with _autocast(device):
@@ -167,8 +168,7 @@ def fit(module: nn.Module, batch_loss: Callable[[list[int]], Tensor], num_items:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if (step + 1) % report_every == 0:
-            log(f"{name} step {step + 1}/{steps} loss {losses[-1]:.4f}")
+        progress.advance(note=f", loss {losses[-1]:.4f}")
     tail = losses[-max(1, steps // 10):]
     return {"steps": steps, "batch_size": batch_size, "lr": tcfg["lr"], "first_loss": losses[0],
             "final_loss": sum(tail) / len(tail)}

@@ -42,6 +42,7 @@ from mvptr.data.coco import CocoFormatDataset, DataError, open_prepared
 from mvptr.regions.backbone import (CATEGORY_HEAD, IGNORE, CropSet, RegionBackbone, crop, predict, save_backbone,
                                     train_backbone)
 from mvptr.regions.boxes import NUM_BOX_VALUES, RegionBox, TorchvisionDetector, box_values, category_names, gold_boxes
+from mvptr.progress import Progress
 from mvptr.regions.store import Regions, RegionStoreWriter
 
 BACKBONE_FILE = "backbone.safetensors"
@@ -49,28 +50,8 @@ METRICS_FILE = "backbone_metrics.json"
 SKIPPED_FILE = "skipped.json"
 # Images whose crops go through the backbone together in the extraction pass.
 _IMAGES_PER_BATCH = 64
-_PROGRESS_EVERY_S = 5.0
 
 Log = Callable[[str], None]
-
-
-class Progress:
-    """Prints `label: done/total unit (rate/s, ETA ..s)` at most every few seconds, and once at the end."""
-
-    def __init__(self, label: str, total: int, unit: str, log: Log) -> None:
-        self.label, self.total, self.unit, self.log = label, total, unit, log
-        self.done = 0
-        self.start = self.last = time.monotonic()
-
-    def advance(self, n: int = 1, note: str = "") -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last < _PROGRESS_EVERY_S and self.done < self.total:
-            return
-        self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        eta = (self.total - self.done) / rate if rate else float("inf")
-        self.log(f"{self.label}: {self.done}/{self.total} {self.unit} ({rate:.1f}/s, ETA {eta:.0f}s){note}")
 
 
 def read_image(path: Path) -> Image.Image:
