@@ -12,7 +12,7 @@ code that computes them is kept apart from the task heads and tested on hand-com
     zero_shot zero-shot VSC retrieval after pre-training, with the chance recalls
     task_data readers of the task files (VQA v2, SNLI-VE, RefCOCO, NLVR2) -> examples
     heads     the task heads (MLP classifiers, region scores for referring expressions)
-    finetune  fine-tune + evaluate one task; job / commands: the submitit job and `mvptr evaluate run`
+    finetune  fine-tune + evaluate one task; commands: `mvptr evaluate run` (a `mvptr.launch.job.ConfigJob`)
 
 Use:
     from mvptr.evaluate.metrics import retrieval_recalls, vqa_report

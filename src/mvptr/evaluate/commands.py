@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> None:
                           "cross-modal layers (model.num_cross_layers)")
     # torch, transformers and MLflow are imported only once the arguments are known to be usable.
     from mvptr.evaluate.finetune import TaskPaths, flat_metrics
-    from mvptr.evaluate.job import FinetuneJob
+    from mvptr.launch.job import ConfigJob
     from mvptr.launch.launcher import LaunchSettings, launch
     from mvptr.tracking import log_run
 
@@ -60,8 +60,8 @@ def cmd_run(args: argparse.Namespace) -> None:
                       regions=args.regions.resolve(), weights=args.weights.resolve(),
                       save_to=job_dir / SAVED_WEIGHTS if args.model_out else None)
     settings = LaunchSettings.from_config(cfg["launch"])
-    result = launch(FinetuneJob(cfg, args.task, paths), name=f"evaluate_{args.task}", folder=job_dir,
-                    settings=settings)
+    result = launch(ConfigJob("mvptr.evaluate.finetune:finetune", cfg, args.task, paths),
+                    name=f"evaluate_{args.task}", folder=job_dir, settings=settings)
     if args.model_out:
         args.model_out.parent.mkdir(parents=True, exist_ok=True)
         (job_dir / SAVED_WEIGHTS).replace(args.model_out)

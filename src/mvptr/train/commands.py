@@ -24,9 +24,9 @@ from mvptr.config import add_config_arguments, config_from_args
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
+    from mvptr.launch.job import ConfigJob
     from mvptr.launch.launcher import LaunchSettings, launch
     from mvptr.train.curves import loss_curves_png
-    from mvptr.train.job import StageJob
     from mvptr.train.loop import FINAL_WEIGHTS, StagePaths
 
     cfg = config_from_args(args)
@@ -34,8 +34,8 @@ def cmd_stage(args: argparse.Namespace) -> None:
                        regions=args.regions.resolve(), ckpt_dir=args.ckpt_dir.resolve(),
                        init_weights=args.init_weights.resolve() if args.init_weights else None)
     settings = LaunchSettings.from_config(cfg["launch"])
-    result = launch(StageJob(cfg, args.stage, paths), name=f"pretrain_stage{args.stage}", folder=args.job_dir,
-                    settings=settings)
+    result = launch(ConfigJob("mvptr.train.job:run_stage", cfg, args.stage, paths),
+                    name=f"pretrain_stage{args.stage}", folder=args.job_dir, settings=settings)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "model.safetensors.tmp"
