@@ -56,4 +56,4 @@ SNAKEMAKE_CONFIG ?=
 pull:
 	$(RUN) dvc pull
 	$(RUN) dvc status
-	$(RUN) snakemake --touch --cores 1 $(if $(SNAKEMAKE_CONFIG),--config $(SNAKEMAKE_CONFIG)) all
+	$(RUN) snakemake --touch --cores 1 all $(if $(SNAKEMAKE_CONFIG),--config) $(SNAKEMAKE_CONFIG)

@@ -35,7 +35,7 @@ def test_committed_dvc_yaml_is_the_one_derived_from_the_dag():
 
 def test_dvc_declares_exactly_the_outputs_of_the_snakemake_targets_it_calls():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    targets = {stage["cmd"].split()[-1] for stage in dvc["stages"].values()}
+    targets = {stage["cmd"].split()[-1] for stage in dvc["stages"].values()}  # the last target: the one it runs
     assert targets == {"pretrain_only", "evaluate_only"}
     called = set().union(*(target_outputs(t, [], ROOT) for t in targets))
     assert declared_outputs(dvc) == called

@@ -342,8 +342,9 @@ def test_slurm_requeue_on_preemption_is_waited_for(tmp_path: Path, work: Path, s
     (_, first), (_, second) = _starts(work)
     assert first == 0 and second >= 3, "the requeued job must resume from its checkpoint"
     record = read_job_record(folder)
-    assert record["submissions"] == 1 and result["job_id"] == record["job_id"]
-    assert any("RUNNING -> PENDING" in line for line in lines), lines
+    # One submission and the same job id: the launcher waited for SLURM's requeue instead of resubmitting.
+    # (Whether it logged RUNNING -> PENDING depends on when its squeue polls fell; not checked.)
+    assert record["submissions"] == 1 and result["job_id"] == record["job_id"], lines
 
 
 def test_cancelled_slurm_job_is_not_resubmitted(tmp_path: Path, work: Path, slurm: None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -23,14 +24,16 @@ SLURM_PROFILE = ["--profile", str(ROOT / "workflow/profiles/slurm"),
 
 
 def results(workdir: Path) -> dict[str, object]:
-    """What the two runs must agree on: concept quality, backbone accuracy, both stages' metrics."""
+    """What the two runs must agree on: concept quality, backbone accuracy, both stages' losses, every task's
+    metrics (times left out)."""
     stage1 = json.loads(next(workdir.glob("results/*/pretrain/stage1-*/metrics.json")).read_text())
     stage2 = json.loads(next(workdir.glob("results/*/full/pretrain_stage2/metrics.json")).read_text())
     return {"concepts": json.loads(next(workdir.glob("results/*/concepts/concept_quality.json")).read_text()),
             "backbone": json.loads(next(workdir.glob("results/*/regions/backbone_metrics.json")).read_text()),
             "stage1": [{k: v for k, v in h.items() if k != "samples_per_s"} for h in stage1["history"]],
             "stage2": [{k: v for k, v in h.items() if k != "samples_per_s"} for h in stage2["history"]],
-            "zero_shot": stage2["zero_shot"]["recalls"]}
+            "zero_shot": stage2["zero_shot"]["recalls"],
+            "evaluate": {p.stem: json.loads(p.read_text())["splits"] for p in workdir.glob("results/*/full/evaluate/*.json")}}
 
 
 def sacct_states(job_ids: list[str]) -> dict[str, str]:
@@ -41,16 +44,19 @@ def sacct_states(job_ids: list[str]) -> dict[str, str]:
 
 def test_slurm_run_is_accounted_and_equals_the_local_run(slurm: None, tmp_path: Path):
     local, cluster = tmp_path / "local", tmp_path / "slurm"
+    config = FAST  # the full method only: its 7 trainer jobs share the one fake GPU
     proc = snakemake("--cores", "2", "--workflow-profile", str(ROOT / "workflow/profiles/default"),
-                     "--config", *FAST, workdir=local, timeout=900)
+                     "--config", *config, workdir=local, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    proc = snakemake(*SLURM_PROFILE, "--config", *FAST, workdir=cluster, timeout=900)
+    proc = snakemake(*SLURM_PROFILE, "--config", *config, workdir=cluster, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    # Rule jobs: the SLURM plugin's logs are named by job id; trainer jobs: the launcher's job.json.
-    rule_jobs = sorted(p.stem for p in cluster.glob(".snakemake/slurm_logs/rule_*/*/*.log"))
-    trainer_jobs = [json.loads(p.read_text()) for p in cluster.glob("results/logs/pretrain_stage*/*/*.submitit/job.json")]
-    assert len(trainer_jobs) == 2 and all(job["cluster"] == "slurm" for job in trainer_jobs), trainer_jobs
+    # Rule jobs: Snakemake says "submitted with SLURM jobid N" (the plugin deletes the logs of successful jobs);
+    # trainer jobs: the launcher's job.json.
+    rule_jobs = re.findall(r"SLURM jobid (\d+)", proc.stdout + proc.stderr)
+    trainer_jobs = [json.loads(p.read_text()) for p in cluster.glob("results/logs/*/*/*.submitit/job.json")]
+    # two pre-training stages and five downstream tasks, each its own submitit job on SLURM
+    assert len(trainer_jobs) == 7 and all(job["cluster"] == "slurm" for job in trainer_jobs), trainer_jobs
     states = sacct_states(rule_jobs + [job["job_id"] for job in trainer_jobs])
     assert len(rule_jobs) >= 7 and set(states.values()) == {"COMPLETED"}, states
 

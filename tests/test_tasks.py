@@ -166,6 +166,7 @@ _GATHER_WORKER = textwrap.dedent("""
     loss = info_nce(text, image, 0.1, gather=True)
     loss.backward()
     torch.save({"loss": loss.detach(), "text": text.grad, "image": image.grad}, f"{folder}/rank{rank}.pt")
+    dist.barrier()  # neither rank tears down while the other still talks to it (gloo aborts on a closed peer)
     dist.destroy_process_group()
 """)
 

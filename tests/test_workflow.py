@@ -17,8 +17,9 @@ from mvptr.config import dataset_dir, load_config
 
 BIN = Path(sys.executable).parent
 TINY = "dataset={synthetic: {size: tiny}}"
-# The whole DAG in well under a minute: tiny world, 1+1+1 layers at width 32, a few steps of 8 pairs.
-FAST = [TINY, "model={hidden_size: 32, num_text_layers: 1, num_visual_layers: 1, num_cross_layers: 1, "
+# The whole DAG in a minute or two: tiny world, 1+1+1 layers at width 32, a few steps of 8 pairs, the full
+# method only (tests that need several ablations say so).
+FAST = [TINY, "ablations=[full]", "model={hidden_size: 32, num_text_layers: 1, num_visual_layers: 1, num_cross_layers: 1, "
               "num_attention_heads: 2, intermediate_size: 64}",
         "pretrain={stage1: {steps: 3, batch_size: 8}, stage2: {steps: 3, batch_size: 8}}",
         "regions={backbone: {epochs: 1}}", "concepts={min_count: 2}",
@@ -124,7 +125,7 @@ def test_forcing_stage_two_reruns_only_stage_two(tiny_run: Path):
 
 
 def test_a_stage_two_override_leaves_stage_one_and_the_data_alone(tiny_run: Path):
-    fast = [*FAST[:2], "pretrain={stage1: {steps: 3, batch_size: 8}, stage2: {steps: 4, batch_size: 8}}", *FAST[3:]]
+    fast = [*FAST[:3], "pretrain={stage1: {steps: 3, batch_size: 8}, stage2: {steps: 4, batch_size: 8}}", *FAST[4:]]
     proc = snakemake("-n", "--config", *fast, workdir=tiny_run)
     assert proc.returncode == 0, proc.stderr
     counts = job_counts(proc.stdout)

@@ -8,7 +8,9 @@ module for a config rather than by hand, and a test checks that the committed fi
 
     pretrain   snakemake ... pretrain_only   data, concepts, regions, both stages of every ablation
     evaluate   snakemake ... evaluate_only   every task's metrics, the ablation table (DVC metrics:
-                                             ablations.json) and charts
+                                             ablations.json) and charts; first `snakemake --touch pretrain_only`,
+                                             since DVC's commit of the first stage rewrote its files in no
+                                             particular order (Snakemake would redo them by their times)
 Loss curves and charts are DVC plots; params are the config sections each stage reads.
 
 Run: `mvptr dvc write [--out dvc.yaml] [key=value ...]` (the overrides must be the ones Snakemake runs with).
@@ -63,13 +65,16 @@ def _snakemake_config(overrides: Sequence[str]) -> list[str]:
 def build(overrides: Sequence[str], root: Path) -> dict:
     config = _snakemake_config(overrides)
     suffix = " --config " + " ".join(f"'{item}'" for item in config) if config else ""
-    stages, declared = {}, set()
+    stages, declared, upstream = {}, set(), []
     for name, (target, sections) in STAGES.items():
         outputs = [path for path in target_outputs(target, config, root) if path not in declared]
         plots = [p for p in outputs if p.endswith(".png")]
         metrics = [p for p in outputs if p.endswith("ablations.json")]
         outs = [p for p in outputs if p not in plots and p not in metrics]
-        stage = {"cmd": f"{SNAKEMAKE} {target}{suffix}",
+        # DVC has just checked (or produced) the earlier stages' outputs, but committing them to its cache
+        # rewrote them in no particular order: mark them up to date so Snakemake does not redo them by mtime.
+        touch = "".join(f"snakemake --touch --cores 1 {up}{suffix} && " for up in upstream)
+        stage = {"cmd": f"{touch}{SNAKEMAKE} {target}{suffix}",
                  # a later stage depends on every output of the earlier ones (its Snakemake inputs or theirs)
                  "deps": CODE + sorted(declared),
                  "params": [{"configs/default.yaml": sections}], "outs": outs}
@@ -79,6 +84,7 @@ def build(overrides: Sequence[str], root: Path) -> dict:
             stage["plots"] = [{path: {"cache": True}} for path in plots]
         stages[name] = stage
         declared |= set(outputs)
+        upstream.append(target)
     return {"stages": stages}
 
 

@@ -112,6 +112,8 @@ _EXITED_STATES = ("COMPLETED", "FAILED")
 _MAX_SLURM_PROBE_S = 30.0
 _STDERR_TAIL_LINES = 40
 _SCHEDULER_TIMEOUT_S = 60
+# Seconds a cancelled local job gets to stop on SIGINT before its processes are killed.
+_LOCAL_CANCEL_GRACE_S = 5.0
 
 
 class LaunchError(RuntimeError):
@@ -309,9 +311,27 @@ class _Job:
             with contextlib.suppress(FileNotFoundError, subprocess.TimeoutExpired):
                 subprocess.run(["scancel", self.job_id], capture_output=True, timeout=_SCHEDULER_TIMEOUT_S)
         elif self.cluster == "local" and self.probe()[1]:
-            # SIGINT is what LocalJob.cancel sends: the controller then stops its tasks and exits
+            # SIGINT is what LocalJob.cancel sends: the controller then stops its tasks and exits. A process
+            # started with SIGINT ignored (inherited from its parent) does not: after a grace period its tasks
+            # and then the controller are killed.
+            pid = int(self.job_id)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(int(self.job_id), signal.SIGINT)
+                os.kill(pid, signal.SIGINT)
+            deadline = time.monotonic() + _LOCAL_CANCEL_GRACE_S
+            while self.probe()[1] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if self.probe()[1]:
+                for victim in [*_children(pid), pid]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(victim, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` (Linux /proc)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
 
 
 def _local_controller_alive(pid: int, folder: Path, process: subprocess.Popen | None) -> bool:
