@@ -38,6 +38,17 @@ from mvptr.regions.store import RegionStore
 
 
 @dataclass(frozen=True)
+class Artifacts:
+    """The workflow's artifacts that pre-training and fine-tuning read (the outputs of the data, concept and
+    region rules)."""
+
+    dataset: Path  # prepared dataset folder
+    concepts: Path  # concepts.json
+    vocab: Path  # concept_vocab.json
+    regions: Path  # folder of {split}.h5
+
+
+@dataclass(frozen=True)
 class EncodedText:
     """One caption as model inputs (no padding)."""
 

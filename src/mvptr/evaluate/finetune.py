@@ -53,7 +53,8 @@ from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from mvptr.data.coco import DataError, read_json
-from mvptr.data.pairs import EncodedText, PairDataset, PairInputs, TextEncoder, collate, collate_image, collate_text
+from mvptr.data.pairs import (Artifacts, EncodedText, PairDataset, PairInputs, TextEncoder, collate, collate_image,
+                              collate_text)
 from mvptr.evaluate import task_data
 from mvptr.evaluate.encode import encode_split
 from mvptr.evaluate.heads import MLPHead, pooled, region_scores
@@ -72,13 +73,9 @@ Batch = dict[str, Tensor]
 
 
 @dataclass(frozen=True)
-class TaskPaths:
+class TaskPaths(Artifacts):
     """The artifacts a fine-tuning reads, and where to save the fine-tuned weights (None: not saved)."""
 
-    dataset: Path
-    concepts: Path
-    vocab: Path
-    regions: Path  # folder of {split}.h5
     weights: Path  # the model to fine-tune (model.safetensors of a pre-training stage, or never trained)
     save_to: Path | None = None
 

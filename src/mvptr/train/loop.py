@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from mvptr.atomic import atomic_write_json
-from mvptr.data.pairs import PairDataset, PairInputs, collate
+from mvptr.data.pairs import Artifacts, PairDataset, PairInputs, collate
 from mvptr.models.mvptr import MVPTRConfig, MVPTRModel, load_pretrained_bert
 from mvptr.train.checkpoint import load_state, save_state
 from mvptr.train.distributed import Env, batch_indices, setup_distributed
@@ -48,13 +48,9 @@ RUN_FILE = "run.json"
 
 
 @dataclass(frozen=True)
-class StagePaths:
+class StagePaths(Artifacts):
     """The artifacts a stage reads, and its checkpoint directory."""
 
-    dataset: Path
-    concepts: Path
-    vocab: Path
-    regions: Path  # folder of {split}.h5
     ckpt_dir: Path
     init_weights: Path | None = None  # stage two: the stage-one weights
 
