@@ -33,7 +33,8 @@ def results(workdir: Path) -> dict[str, object]:
             "stage1": [{k: v for k, v in h.items() if k != "samples_per_s"} for h in stage1["history"]],
             "stage2": [{k: v for k, v in h.items() if k != "samples_per_s"} for h in stage2["history"]],
             "zero_shot": stage2["zero_shot"]["recalls"],
-            "evaluate": {p.stem: json.loads(p.read_text())["splits"] for p in workdir.glob("results/*/full/evaluate/*.json")}}
+            "evaluate": {p.stem: json.loads(p.read_text())["splits"]
+                         for p in workdir.glob("results/*/full/evaluate/*.json")}}
 
 
 def sacct_states(job_ids: list[str]) -> dict[str, str]:

@@ -1,8 +1,8 @@
 """Tests of pre-training (mvptr.train): determinism, SIGKILL + resume, gloo DDP gradients, stages and sharing.
 
 The artifacts (tiny synthetic world, concepts, vocabulary, region stores) are built once per session through
-the `mvptr` CLI, as the workflow builds them (conftest.py); the model is shrunk to 1+1+1 layers at width 32 so that a step
-takes milliseconds. Run: `.venv/bin/pytest tests/test_train.py` (about a minute on 2 cores).
+the `mvptr` CLI, as the workflow builds them (conftest.py); the model is shrunk to 1+1+1 layers at width 32 so
+that a step takes milliseconds. Run: `.venv/bin/pytest tests/test_train.py` (about a minute on 2 cores).
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def test_stage_one_trains_mcr_on_the_visual_side_only(artifacts, stage1, tmp_pat
     fresh = build_model(cfg, trained["embeddings.word_embeddings.weight"].shape[0],
                         trained["region_embeddings.0.weight"].shape[1] - 6).state_dict()
     # The text and cross-modal stacks receive no gradient in stage one; the visual stack does.
-    assert torch.equal(trained["text_encoder.layer.0.output.dense.weight"], fresh["text_encoder.layer.0.output.dense.weight"])
+    assert torch.equal(trained["text_encoder.layer.0.output.dense.weight"],
+                       fresh["text_encoder.layer.0.output.dense.weight"])
     assert torch.equal(trained["cross_encoder.layer.0.output.dense.weight"],
                        fresh["cross_encoder.layer.0.output.dense.weight"])
     assert not torch.equal(trained["visual_encoder.layer.0.output.dense.weight"],

@@ -19,8 +19,9 @@ BIN = Path(sys.executable).parent
 TINY = "dataset={synthetic: {size: tiny}}"
 # The whole DAG in a minute or two: tiny world, 1+1+1 layers at width 32, a few steps of 8 pairs, the full
 # method only (tests that need several ablations say so).
-FAST = [TINY, "ablations=[full]", "model={hidden_size: 32, num_text_layers: 1, num_visual_layers: 1, num_cross_layers: 1, "
-              "num_attention_heads: 2, intermediate_size: 64}",
+FAST = [TINY, "ablations=[full]",
+        "model={hidden_size: 32, num_text_layers: 1, num_visual_layers: 1, num_cross_layers: 1, "
+        "num_attention_heads: 2, intermediate_size: 64}",
         "pretrain={stage1: {steps: 3, batch_size: 8}, stage2: {steps: 3, batch_size: 8}}",
         "regions={backbone: {epochs: 1}}", "concepts={min_count: 2}",
         "evaluate={" + ", ".join(f"{task}: {{steps: 2, batch_size: 8}}" for task in

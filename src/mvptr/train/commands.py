@@ -5,8 +5,8 @@
 
 The stage runs as a submitit job (`launch.cluster`: local, slurm or debug), whose id is kept in --job-dir
 (next to the rule's log) so that a restarted rule re-attaches to it; the job checkpoints into --ckpt-dir and
-resumes from it. Only when the job succeeds are the outputs written, each atomically, into --out (and the checkpoint directory
-removed, so that a forced rerun trains anew):
+resumes from it. Only when the job succeeds are the outputs written, each atomically, into --out (and the
+checkpoint directory removed, so that a forced rerun trains anew):
     model.safetensors   the stage's weights
     metrics.json        tasks, steps, final losses, loss history, seconds (stage two: zero-shot retrieval)
     loss_curves.png     every task's loss against the step
