@@ -140,7 +140,7 @@ def _first_step_gradients(rank: int, world_size: int, port: int, artifacts: dict
     from mvptr.train.objectives import PretrainStep
 
     cfg = load_config([*SMALL, "model.dropout=0"])
-    env = setup_distributed()
+    env = setup_distributed(timeout_s=120)  # a rank that cannot reach the other fails the test, not the CI run
     inputs = PairInputs.from_artifacts(cfg, artifacts["dataset"], artifacts["concepts"], artifacts["vocab"])
     pairs = PairDataset(inputs, artifacts["regions"] / "train.h5", "train")
     model = build_model(cfg, inputs.vocab_size, pairs.store.feature_dim)
@@ -154,6 +154,7 @@ def _first_step_gradients(rank: int, world_size: int, port: int, artifacts: dict
     teardown_distributed()
 
 
+@pytest.mark.timeout(600)
 def test_two_gloo_ranks_give_the_gradients_of_one_process_with_the_global_batch(artifacts, stage1, tmp_path):
     """VSC gathers every rank's embeddings: with 2 x 4 pairs the gradient must equal 1 x 8 pairs."""
     mp.start_processes(_first_step_gradients, args=(2, _free_port(), artifacts, stage1, tmp_path / "ddp.pt"),

@@ -17,8 +17,11 @@ Use:
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -46,8 +49,27 @@ def _submitit_tasks() -> int:
         return 0
 
 
-def setup_distributed() -> Env:
-    """Join the process group when there is more than one process (NCCL on GPU, gloo on CPU)."""
+def _keep_gloo_on_loopback() -> None:
+    """Ranks that meet on a loopback address all run on this host: make gloo connect them over loopback too.
+
+    Otherwise gloo binds to whatever the host name resolves to, and on hosts whose name resolves to an address
+    that cannot reach itself (containers, sandboxes) the ranks wait for each other until the collective timeout.
+    A GLOO_SOCKET_IFNAME set by the user wins.
+    """
+    try:
+        loopback = ipaddress.ip_address(os.environ.get("MASTER_ADDR", "")).is_loopback
+    except ValueError:  # a host name: the ranks may be on several hosts
+        loopback = os.environ.get("MASTER_ADDR") == "localhost"
+    names = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
+    if loopback and names and "GLOO_SOCKET_IFNAME" not in os.environ:
+        os.environ["GLOO_SOCKET_IFNAME"] = names[0]
+
+
+def setup_distributed(timeout_s: float | None = None) -> Env:
+    """Join the process group when there is more than one process (NCCL on GPU, gloo on CPU).
+
+    `timeout_s` bounds how long a rank waits for the others (torch's default, 30 min for gloo, when None).
+    """
     if _submitit_tasks() > 1 and "RANK" not in os.environ:
         from submitit.helpers import TorchDistributedEnvironment
 
@@ -59,7 +81,10 @@ def setup_distributed() -> Env:
     if cuda:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world_size)
+        if not cuda:
+            _keep_gloo_on_loopback()
+        dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world_size,
+                                timeout=None if timeout_s is None else timedelta(seconds=timeout_s))
     return Env(rank, world_size, local_rank, device)
 
 
