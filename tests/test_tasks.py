@@ -158,6 +158,7 @@ def test_vsc_gradients_and_temperature_clamp():
 _GATHER_WORKER = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     from mvptr.tasks.vsc import info_nce
+    from mvptr.train.distributed import teardown_distributed
     rank, folder = int(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
     data = torch.load(f"{folder}/data.pt")
@@ -166,8 +167,7 @@ _GATHER_WORKER = textwrap.dedent("""
     loss = info_nce(text, image, 0.1, gather=True)
     loss.backward()
     torch.save({"loss": loss.detach(), "text": text.grad, "image": image.grad}, f"{folder}/rank{rank}.pt")
-    dist.barrier()  # neither rank tears down while the other still talks to it (gloo aborts on a closed peer)
-    dist.destroy_process_group()
+    teardown_distributed()
 """)
 
 

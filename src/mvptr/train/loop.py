@@ -37,7 +37,7 @@ from mvptr.atomic import atomic_write_json
 from mvptr.data.pairs import Artifacts, PairDataset, PairInputs, collate
 from mvptr.models.mvptr import MVPTRConfig, MVPTRModel, load_pretrained_bert
 from mvptr.train.checkpoint import load_state, save_state
-from mvptr.train.distributed import Env, batch_indices, setup_distributed
+from mvptr.train.distributed import Env, batch_indices, setup_distributed, teardown_distributed
 from mvptr.train.objectives import PretrainStep
 from mvptr.train.stages import stage_tasks
 from mvptr.train.optim import build_optimizer
@@ -167,6 +167,7 @@ def train_stage(cfg: Mapping[str, Any], stage: int, paths: StagePaths, *, log: L
         tmp = ckpt_dir / (FINAL_WEIGHTS + ".tmp")
         save_model(model, str(tmp))
         tmp.replace(ckpt_dir / FINAL_WEIGHTS)
+    teardown_distributed()
     return result
 
 
