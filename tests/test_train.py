@@ -154,6 +154,19 @@ def _first_step_gradients(rank: int, world_size: int, port: int, artifacts: dict
     teardown_distributed()
 
 
+@pytest.mark.parametrize("master_addr, expected", [("127.0.0.1", "lo"), ("localhost", "lo"), ("192.0.2.7", None)])
+def test_gloo_is_kept_on_loopback_only_when_the_ranks_meet_there(monkeypatch, master_addr, expected):
+    from mvptr.train.distributed import _keep_gloo_on_loopback
+
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", master_addr)
+    _keep_gloo_on_loopback()
+    assert os.environ.get("GLOO_SOCKET_IFNAME") == expected
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")  # the user's choice wins
+    _keep_gloo_on_loopback()
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "eth7"
+
+
 @pytest.mark.timeout(600)
 def test_two_gloo_ranks_give_the_gradients_of_one_process_with_the_global_batch(artifacts, stage1, tmp_path):
     """VSC gathers every rank's embeddings: with 2 x 4 pairs the gradient must equal 1 x 8 pairs."""

@@ -57,12 +57,14 @@ def _keep_gloo_on_loopback() -> None:
     that cannot reach itself (containers, sandboxes) the ranks wait for each other until the collective timeout.
     A GLOO_SOCKET_IFNAME set by the user wins.
     """
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return
     try:
-        loopback = ipaddress.ip_address(os.environ.get("MASTER_ADDR", "")).is_loopback
-    except ValueError:  # a host name: the ranks may be on several hosts
-        loopback = os.environ.get("MASTER_ADDR") == "localhost"
+        address = ipaddress.ip_address(socket.gethostbyname(os.environ.get("MASTER_ADDR", "")))
+    except (OSError, ValueError):  # an address that does not resolve: init_process_group reports it
+        return
     names = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
-    if loopback and names and "GLOO_SOCKET_IFNAME" not in os.environ:
+    if address.is_loopback and names:
         os.environ["GLOO_SOCKET_IFNAME"] = names[0]
 
 
