@@ -73,7 +73,7 @@ def build(overrides: Sequence[str], root: Path) -> dict:
         outs = [p for p in outputs if p not in plots and p not in metrics]
         # DVC has just checked (or produced) the earlier stages' outputs, but committing them to its cache
         # rewrote them in no particular order: mark them up to date so Snakemake does not redo them by mtime.
-        touch = "".join(f"snakemake --touch --cores 1 {up}{suffix} && " for up in upstream)
+        touch = "".join(f"{SNAKEMAKE} --touch {up}{suffix} && " for up in upstream)
         stage = {"cmd": f"{touch}{SNAKEMAKE} {target}{suffix}",
                  # a later stage depends on every output of the earlier ones (its Snakemake inputs or theirs)
                  "deps": CODE + sorted(declared),
