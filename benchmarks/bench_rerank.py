@@ -12,8 +12,13 @@ predicts more than `--max-exhaustive-seconds` for it, the exhaustive scorer is t
 random pairs and its time extrapolated linearly (per-pair cost does not depend on which pairs: every text and
 every image has the same length); the JSON says so (`exhaustive_extrapolated`, `exhaustive_measured_pairs`).
 
-Run: `.venv/bin/python benchmarks/bench_rerank.py [--k-text 16] [--k-image 16] [--threads 2] [--batch-size 512]`
-Writes `results/benchmarks/rerank.json` (atomically) and prints the same numbers.
+The model is built through the method interface (`mvptr.models.base`): any method's model works, and the
+uni-modal outputs are cached in a `mvptr.evaluate.encode.SplitEncoding`, as the evaluation does.
+
+Run: `.venv/bin/python benchmarks/bench_rerank.py [--method mvptr] [--k-text 16] [--k-image 16] [--threads 2]
+[--batch-size 512]`. Writes `results/benchmarks/rerank.json` (another method: `rerank_<method>.json`;
+atomically) and prints the same numbers. A smoke run: `--images 8 --texts 40 --k-text 4 --k-image 4 --out
+/tmp/rerank.json`.
 """
 
 from __future__ import annotations
@@ -26,12 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mvptr.atomic import atomic_write_json
-from mvptr.config import project_root
+from mvptr.config import load_config, project_root
+from mvptr.evaluate.encode import SplitEncoding
 from mvptr.evaluate.rerank import exhaustive_scores, itm_pair_scorer, rerank, score_pairs
-from mvptr.models.mvptr import MVPTRConfig, MVPTRModel
+from mvptr.models import model_class
+from mvptr.models.base import VLModel
 from mvptr.regions.boxes import NUM_BOX_VALUES
 
 # The tiny model of configs/models/tiny.yaml on BERT's uncased vocabulary plus room for concept rows.
@@ -58,23 +64,41 @@ def random_inputs(n_images: int, n_texts: int, text_length: int, num_regions: in
             "region_boxes": boxes, "region_mask": torch.ones(n_images, num_regions)}
 
 
+IMAGE_KEYS = ("tag_ids", "tag_mask", "region_feats", "region_boxes", "region_mask")
+
+
+def build_model(method: str) -> VLModel:
+    """The TINY model of `method`, with its method options and the heads of its objectives (config layer
+    configs/methods/<method>.yaml), built without the tokenizer (random ids need none)."""
+    import dataclasses
+
+    cfg = load_config([f"method.name={method}"])
+    cls = model_class(method)
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    options = {k: v for k, v in cfg["method"].items() if k in fields and k not in TINY}
+    return cls(cls.config_class(**TINY, **options, objectives=list(cfg["pretrain"]["objectives"])))
+
+
 @torch.no_grad()
-def encode(model: MVPTRModel, inputs: dict[str, torch.Tensor], batch_size: int,
-           device: torch.device) -> dict[str, torch.Tensor]:
-    """Uni-modal outputs of every text and image, once, and their (n_images, n_texts) VSC similarity."""
+def encode(model: VLModel, inputs: dict[str, torch.Tensor], batch_size: int, device: torch.device) -> SplitEncoding:
+    """Uni-modal outputs of every text and image, once, through the model interface (`encode_text`,
+    `encode_image`, the contrastive embeddings), on `device`; `.similarity()` is their (n_images, n_texts)
+    contrastive similarity."""
     def batches(n: int) -> list[slice]:
         return [slice(start, start + batch_size) for start in range(0, n, batch_size)]
 
     on = {key: value.to(device) for key, value in inputs.items()}
-    texts = [model.encode_text(on["input_ids"][s], on["attention_mask"][s]) for s in batches(len(on["input_ids"]))]
-    images = [model.encode_image(on["tag_ids"][s], on["tag_mask"][s], on["region_feats"][s], on["region_boxes"][s],
-                                 on["region_mask"][s]) for s in batches(len(on["tag_ids"]))]
-    text_hidden = torch.cat(texts)
-    text_cls = F.normalize(model.text_proj(text_hidden[:, 0]).float(), dim=-1)
-    image_cls = F.normalize(model.visual_proj(torch.cat([image.tags[:, 0] for image in images])).float(), dim=-1)
-    return {"text_hidden": text_hidden, "text_mask": on["attention_mask"],
-            "region_hidden": torch.cat([image.regions for image in images]), "region_mask": on["region_mask"],
-            "similarity": image_cls @ text_cls.T}
+    n_texts, n_images = len(on["input_ids"]), len(on["tag_ids"])
+    texts = [model.encode_text(on["input_ids"][s], on["attention_mask"][s]) for s in batches(n_texts)]
+    images = [model.encode_image({key: on[key][s] for key in IMAGE_KEYS}) for s in batches(n_images)]
+    return SplitEncoding(
+        image_ids=list(range(n_images)), caption_ids=list(range(n_texts)),
+        text_to_image=torch.arange(n_texts, device=device) % n_images,  # random data: a nominal ground truth
+        text_hidden=torch.cat([text.tokens for text in texts]).float(), text_mask=on["attention_mask"],
+        image_cls=torch.cat([image.cls for image in images]).float(),
+        region_hidden=torch.cat([image.regions for image in images]).float(), region_mask=on["region_mask"],
+        text_emb=torch.cat([model.text_embedding(text) for text in texts]).float(),
+        image_emb=torch.cat([model.image_embedding(image) for image in images]).float())
 
 
 def synchronize(device: torch.device) -> None:
@@ -84,6 +108,7 @@ def synchronize(device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="mvptr", help="a method of configs/methods/ (mvptr, simla)")
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--texts", type=int, default=5000)
     parser.add_argument("--k-text", type=int, default=16, help="texts re-scored per image")
@@ -98,23 +123,26 @@ def main() -> None:
                         help="above this predicted time, time a random subset of pairs and extrapolate")
     parser.add_argument("--exhaustive-pairs", type=int, default=200_000, help="size of that subset")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=project_root() / "results" / "benchmarks" / "rerank.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the JSON to write (default results/benchmarks/rerank.json, rerank_<method>.json for "
+                             "another method)")
     args = parser.parse_args()
+    name = "rerank.json" if args.method == "mvptr" else f"rerank_{args.method}.json"
+    out = args.out or project_root() / "results" / "benchmarks" / name
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(args.seed)
-    model = MVPTRModel(MVPTRConfig(**TINY)).eval().to(device)
+    model = build_model(args.method).eval().to(device)
     inputs = random_inputs(args.images, args.texts, args.text_length, args.regions, args.tags, generator)
 
     start = time.perf_counter()
     encoded = encode(model, inputs, args.batch_size, device)
+    similarity = encoded.similarity()
     synchronize(device)
     encode_seconds = time.perf_counter() - start
-    scorer = itm_pair_scorer(model, encoded["text_hidden"], encoded["text_mask"], encoded["region_hidden"],
-                             encoded["region_mask"])
-    similarity = encoded["similarity"]
+    scorer = itm_pair_scorer(model, encoded)
     # Warm-up: the first forwards pay one-off costs (allocations, kernel selection) that neither way should.
     warm = torch.arange(min(args.batch_size, args.images), device=device)
     score_pairs(warm, warm, scorer, args.batch_size)
@@ -142,8 +170,9 @@ def main() -> None:
 
     report: dict[str, Any] = {
         "device": str(device), "threads": args.threads, "torch": torch.__version__, "machine": platform.machine(),
-        "model": TINY, "images": args.images, "texts": args.texts, "text_length": args.text_length,
-        "regions": args.regions, "tags": args.tags, "batch_size": args.batch_size, "seed": args.seed,
+        "method": args.method, "model": TINY, "images": args.images, "texts": args.texts,
+        "text_length": args.text_length, "regions": args.regions, "tags": args.tags, "batch_size": args.batch_size,
+        "seed": args.seed,
         "encode_seconds": round(encode_seconds, 3),
         "k_text": args.k_text, "k_image": args.k_image,
         "rerank_pairs": result.pairs_scored, "rerank_seconds": round(rerank_seconds, 3),
@@ -155,7 +184,7 @@ def main() -> None:
         "pair_ratio": round(total_pairs / result.pairs_scored, 2),
         "speedup": round(exhaustive_seconds / rerank_seconds, 2),
     }
-    atomic_write_json(args.out, report)
+    atomic_write_json(out, report)
     print(json.dumps(report, indent=2))
 
 

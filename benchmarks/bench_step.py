@@ -1,18 +1,21 @@
 """Time of one stage-two pre-training step next to a bare transformers `BertModel` forward+backward.
 
-Why: the ratio is the overhead of everything MVPTR adds around plain BERT layers: three stacks instead of one,
-the hard-negative ITM pass, the second (masked) text pass of MLM, WPG's grounding scores, the masking and
-negative mining. Both sides run in the same process on the same device, the same width and total depth
-(text + visual + cross layers), the same batch and the same number of tokens (text + tags + regions), so the
-machine's noise cancels in the ratio.
+Why: the ratio is the overhead of everything a method adds around plain BERT layers. For MVPTR: three stacks
+instead of one, the hard-negative ITM pass, the second (masked) text pass of MLM, WPG's grounding scores, the
+masking and negative mining. Both sides run in the same process on the same device, the same width and total
+depth (text + visual + cross layers), the same batch and the same number of tokens (text + tags + regions), so
+the machine's noise cancels in the ratio.
 
-    ours   PretrainStep(vsc, itm, mlm, wpg) forward + backward (stage two, the config's options)
+    ours   PretrainStep(the method's stage-two objectives: MVPTR vsc, itm, mlm, wpg) forward + backward, with
+           the config's options (and the momentum model of a method that distils)
     bare   BertModel(num_hidden_layers = text + visual + cross) forward + backward of sum(last_hidden_state)
            on (batch, text + tags + regions) tokens
 
-Run: `.venv/bin/python benchmarks/bench_step.py [--model tiny|bert_base] [--batch 64] [--regions 10]
-[--steps 10 (interleaved rounds; medians)] [--device cpu|cuda]` (CUDA: bf16 autocast, as the trainer). Writes
-`results/benchmarks/step_<model>_<device>.json` (atomically) and prints it.
+Run: `.venv/bin/python benchmarks/bench_step.py [--method mvptr] [--model tiny|bert_base] [--batch 64]
+[--regions 10] [--steps 10 (interleaved rounds; medians)] [--device cpu|cuda] [--out FILE]` (CUDA: bf16
+autocast, as the trainer). Writes `results/benchmarks/step_<model>_<device>.json` (another method:
+`step_<method>_<model>_<device>.json`; atomically) and prints it. A smoke run: `--batch 4 --steps 1 --out
+/tmp/step.json`.
 """
 
 from __future__ import annotations
@@ -23,15 +26,16 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import BertConfig, BertModel
 
 from mvptr.atomic import atomic_write_json
 from mvptr.config import load_config, project_root
-from mvptr.models.mvptr import MVPTRConfig, MVPTRModel
-from mvptr.train.objectives import PretrainStep
-from mvptr.train.stages import stage_tasks
+from mvptr.models import model_class
+from mvptr.objectives.step import PretrainStep, momentum_options
+from mvptr.train.stages import stage_objectives
 
 VOCAB = 30522 + 200  # the tokenizer's word pieces + concept rows
 
@@ -51,6 +55,8 @@ def random_batch(batch: int, text: int, tags: int, regions: int, feature_dim: in
            "region_feats": torch.randn(batch, regions, feature_dim, generator=g).half(),
            "region_boxes": torch.rand(batch, regions, 6, generator=g),
            "region_mask": torch.ones(batch, regions, dtype=torch.long),
+           # each region's object tag as one word piece (SIMLA's XMM target)
+           "region_tags": torch.randint(1000, 30000, (batch, regions), generator=g),
            "image_ids": torch.arange(batch), "caption_ids": torch.arange(batch)}
     return {k: v.to(device) for k, v in out.items()}
 
@@ -74,25 +80,34 @@ def median_seconds(steps: dict[str, Callable[[], None]], rounds: int, device: to
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="mvptr", help="a method of configs/methods/ (mvptr, simla)")
     parser.add_argument("--model", default="tiny", help="a layer of configs/models/ (tiny, bert_base)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--regions", type=int, default=10, help="regions per image (MVPTR: up to 50)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the JSON to write (default results/benchmarks/step_[<method>_]<model>_<device>.json)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    cfg = load_config([f"model.name={args.model}"])
+    cfg = load_config([f"method.name={args.method}", f"model.name={args.model}"])
     mcfg, pcfg = cfg["model"], cfg["pretrain"]
     text = 2 + pcfg["max_words"] + pcfg["max_concepts"]
     tags, feature_dim = pcfg["max_tags"], cfg["regions"]["feature_dim"]
     torch.manual_seed(0)
     # Built without the tokenizer (random ids need none; the special ids keep BERT's uncased defaults), so the
     # benchmark runs where the packaged vocabulary is not installed (a GPU machine with torch + transformers).
-    fields = {f.name for f in dataclasses.fields(MVPTRConfig)}
-    config = MVPTRConfig(vocab_size=VOCAB, region_feature_dim=feature_dim,
-                         **{k: v for k, v in mcfg.items() if k in fields})
-    model = MVPTRModel(config).to(device)
-    ours = PretrainStep(model, stage_tasks(cfg, 2), pcfg["tasks"], torch.Generator().manual_seed(0))
+    # Otherwise as `VLConfig.from_project`: the model's and the method's keys, the heads of its objectives.
+    model_cls = model_class(cfg["method"]["name"])
+    fields = {f.name for f in dataclasses.fields(model_cls.config_class)}
+    config = model_cls.config_class(vocab_size=VOCAB, region_feature_dim=feature_dim,
+                                    objectives=list(pcfg["objectives"]),
+                                    **{k: v for section in ("model", "method") for k, v in cfg[section].items()
+                                       if k in fields})
+    model = model_cls(config).to(device)
+    objectives = stage_objectives(cfg, 2)
+    ours = PretrainStep(model, objectives, pcfg["objectives"], torch.Generator().manual_seed(0),
+                        **momentum_options(cfg)).to(device)
     batch = random_batch(args.batch, text, tags, args.regions, feature_dim, device)
     layers = mcfg["num_text_layers"] + mcfg["num_visual_layers"] + mcfg["num_cross_layers"]
     bare = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=mcfg["hidden_size"], num_hidden_layers=layers,
@@ -107,6 +122,7 @@ def main() -> None:
             loss, _ = ours(batch)
         loss.backward()
         model.zero_grad(set_to_none=True)
+        ours.after_step()  # the momentum model's EMA update, as the trainer does after each optimiser step
 
     def bare_step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -116,13 +132,14 @@ def main() -> None:
 
     medians = median_seconds({"ours": our_step, "bare": bare_step}, args.steps, device)
     ours_s, bare_s = medians["ours"], medians["bare"]
-    result = {"model": args.model, "device": str(device), "dtype": "bf16" if bf16 else "fp32",
+    result = {"method": args.method, "model": args.model, "device": str(device), "dtype": "bf16" if bf16 else "fp32",
               "threads": torch.get_num_threads(), "batch": args.batch, "layers": layers,
               "hidden": mcfg["hidden_size"], "tokens": {"text": text, "tags": tags, "regions": args.regions},
-              "tasks": stage_tasks(cfg, 2), "rounds": args.steps,
-              "mvptr_stage2_step_s": round(ours_s, 5), "bare_bert_step_s": round(bare_s, 5),
+              "objectives": objectives, "rounds": args.steps,
+              "stage2_step_s": round(ours_s, 5), "bare_bert_step_s": round(bare_s, 5),
               "ratio": round(ours_s / bare_s, 2)}
-    out = project_root() / "results" / "benchmarks" / f"step_{args.model}_{device.type}.json"
+    method = "" if args.method == "mvptr" else f"{args.method}_"  # MVPTR keeps the file name it always had
+    out = args.out or project_root() / "results" / "benchmarks" / f"step_{method}{args.model}_{device.type}.json"
     atomic_write_json(out, result)
     print(json.dumps(result, indent=2))
 

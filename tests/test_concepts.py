@@ -11,8 +11,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
 from conftest import run_mvptr
+
 from mvptr.concepts.parser import SceneGraph, SceneGraphParser, lower_in_place
 from mvptr.concepts.quality import score
 from mvptr.concepts.vocab import build_concept_vocab, concept_ids, concept_key

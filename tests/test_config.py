@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, run_mvptr
-from mvptr.config import (ConfigError, compose, config_hash, dataset_dir, load_config, overrides_from,
-                          parse_overrides, read_yaml)
+
+from mvptr.config import compose, config_hash, dataset_dir, load_config, overrides_from, parse_overrides, read_yaml
+from mvptr.errors import ConfigError
 
 
 def test_default_config_merges_the_model_layer():
@@ -112,3 +112,75 @@ def test_cli_bad_value_exits_nonzero_naming_the_key():
     assert proc.returncode != 0
     assert "model.hidden_size" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# --- what a key affects: declared once in the schema (x-affects) ----------------------------------------------
+
+METHODS = ["mvptr", "simla"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_leaf_of_every_method_is_classified(method: str):
+    from mvptr.config import LEAF_CLASSES, classify
+
+    classes = classify(load_config([f"method.name={method}"]))
+    assert set(classes.values()) <= set(LEAF_CLASSES)
+    assert classes["pretrain.stage2.lr"] == "stage2" and classes["launch.cluster"] == "launch"
+    assert classes["evaluate.vqa.steps"] == "evaluate" and classes["model.tokenizer"] == "concepts"
+
+
+def test_an_unannotated_key_is_an_error(tmp_path: Path):
+    from mvptr.config import classify, read_yaml, schema_path
+
+    schema = read_yaml(schema_path(ROOT))
+    del schema["properties"]["regions"]["x-affects"]
+    with pytest.raises(ConfigError, match=r"config key 'regions\.boxes' is not classified"):
+        classify(load_config(), schema)
+
+
+def test_an_objectives_options_follow_its_stage_and_the_schedule():
+    from mvptr.config import leaf_class
+
+    cfg = load_config()
+    assert leaf_class(cfg, "pretrain.objectives.mcr.mask_prob") == "stage1"  # MCR is uni-modal
+    assert leaf_class(cfg, "pretrain.objectives.wpg.margin") == "stage2"
+    joint = load_config(["ablation=joint"])
+    assert leaf_class(joint, "pretrain.objectives.mcr.mask_prob") == "stage2"  # one pass: all in stage two
+
+
+# A value of each stage-one leaf that the schema accepts and that differs from the default.
+def _changed(value: object) -> object:
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2
+    return None
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_changing_any_stage_one_number_gives_a_new_stage_one_folder(method: str):
+    """Every numeric or boolean leaf that stage one depends on changes the stage-one hash; stage-two and launch
+    leaves do not."""
+    from mvptr.config import classify, config_hash, flatten, format_override, step_keys
+
+    base = load_config([f"method.name={method}"])
+    digest = config_hash(base, step_keys(base, "stage1"))
+    classes = classify(base)
+    tried = 0
+    for key, value in flatten(base).items():
+        new = _changed(value)
+        if new is None or key.startswith("dataset.") or key == "seed":
+            continue  # the dataset leaves name another world; their hash is tested in test_synthetic_world
+        try:
+            cfg = load_config([f"method.name={method}", format_override(key, new)])
+        except ConfigError:
+            continue  # not a valid value for this key (e.g. above its maximum)
+        changed = config_hash(cfg, step_keys(cfg, "stage1")) != digest
+        if classes[key] in ("concepts", "regions", "stage1"):
+            assert changed, f"{key} affects stage one but does not change its hash"
+            tried += 1
+        elif classes[key] in ("stage2", "evaluate", "launch", "workflow"):
+            assert not changed, f"{key} ({classes[key]}) changes the stage-one hash"
+    assert tried > 20

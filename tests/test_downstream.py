@@ -15,16 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import quiet, run_mvptr
 from safetensors.torch import load_file, save_model
 
-from conftest import quiet, run_mvptr
 # The tiny world, concepts, vocabulary and region stores, built through the CLI as the workflow builds them.
 from mvptr.config import load_config
-from mvptr.data.coco import DataError, read_json
+from mvptr.data.coco import read_json
+from mvptr.errors import DataError
 from mvptr.evaluate import task_data
 from mvptr.evaluate.finetune import TaskPaths, answer_vocabulary, finetune, flat_metrics, iou_targets
+from mvptr.models import build_model
 from mvptr.regions.store import RegionStore
-from mvptr.train.loop import build_model
 
 torch.set_num_threads(1)
 

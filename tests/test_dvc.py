@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from conftest import ROOT
-from mvptr.dvc_stages import build, declared_outputs, target_outputs
 from test_workflow import FAST
+
+from mvptr.dvc_stages import build, declared_outputs, target_outputs
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}

@@ -25,7 +25,7 @@ import submitit
 import yaml
 
 from mvptr.atomic import atomic_write_json
-from mvptr.config import ConfigError
+from mvptr.errors import ConfigError
 from mvptr.launch import LaunchError, LaunchSettings, launch, read_job_record
 
 TESTS = Path(__file__).resolve().parent

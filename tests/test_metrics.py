@@ -10,9 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from mvptr.evaluate.metrics import (box_iou, classification_report, grounding_accuracy, normalize_answer,
-                                    retrieval_ranks, retrieval_recalls, vqa_accuracy, vqa_report,
-                                    vqa_soft_scores)
+from mvptr.evaluate.metrics import (
+    box_iou,
+    classification_report,
+    grounding_accuracy,
+    normalize_answer,
+    retrieval_ranks,
+    retrieval_recalls,
+    vqa_accuracy,
+    vqa_report,
+    vqa_soft_scores,
+)
 from mvptr.evaluate.rerank import exhaustive_scores, itm_pair_scorer, rerank, score_pairs
 from mvptr.models.mvptr import MVPTRConfig, MVPTRModel
 
@@ -305,19 +313,30 @@ def test_score_pairs_checks_the_scorer() -> None:
 
 
 def test_itm_pair_scorer_matches_the_model() -> None:
+    from mvptr.evaluate.encode import SplitEncoding
+
     torch.manual_seed(0)
     model = MVPTRModel(MVPTRConfig(vocab_size=120, region_feature_dim=8, hidden_size=32, num_text_layers=1,
                                    num_visual_layers=1, num_cross_layers=1, num_attention_heads=2,
-                                   intermediate_size=64, dropout=0.0)).eval()
+                                   intermediate_size=64, dropout=0.0, objectives=["vsc", "itm"])).eval()
     text_hidden, region_hidden = torch.randn(3, 6, 32), torch.randn(2, 4, 32)
     text_mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
     region_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    enc = SplitEncoding(image_ids=[0, 1], caption_ids=[0, 1, 2], text_to_image=torch.tensor([0, 1, 1]),
+                        text_hidden=text_hidden, text_mask=text_mask, image_cls=torch.randn(2, 32),
+                        region_hidden=region_hidden, region_mask=region_mask, text_emb=torch.zeros(3, 32),
+                        image_emb=torch.zeros(2, 32))
     image_idx, text_idx = torch.tensor([0, 1, 1]), torch.tensor([2, 0, 2])
     with torch.no_grad():
-        direct = model.itm_head(model.pooler(model.cross(text_hidden[text_idx], text_mask[text_idx],
-                                                         region_hidden[image_idx], region_mask[image_idx])))[:, 1]
-        trimmed = itm_pair_scorer(model, text_hidden, text_mask, region_hidden, region_mask)(image_idx, text_idx)
-        untrimmed = itm_pair_scorer(model, text_hidden, text_mask, region_hidden, region_mask,
-                                    trim_padding=False)(image_idx, text_idx)
+        direct = model.match_logits(model.fuse(text_hidden[text_idx], text_mask[text_idx],
+                                               enc.images(image_idx)))[:, 1]
+        hidden = torch.cat([text_hidden[text_idx], region_hidden[image_idx]], dim=1)
+        mask = torch.cat([text_mask[text_idx], region_mask[image_idx]], dim=1).bool()
+        by_hand = model.heads["itm"](model.heads["pooler"](model.cross_encoder(
+            hidden, attention_mask=torch.where(mask, 0.0, torch.finfo(torch.float32).min)[:, None, None, :]
+        ).last_hidden_state))[:, 1]
+        trimmed = itm_pair_scorer(model, enc)(image_idx, text_idx)
+        untrimmed = itm_pair_scorer(model, enc, trim_padding=False)(image_idx, text_idx)
     torch.testing.assert_close(untrimmed, direct, rtol=0, atol=0)
+    torch.testing.assert_close(direct, by_hand, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(trimmed, direct, rtol=1e-5, atol=1e-5)

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import run_mvptr
 from PIL import Image
 
-from conftest import run_mvptr
-from mvptr.data.coco import CocoFormatDataset, DataError, open_prepared
+from mvptr.data.coco import CocoFormatDataset, open_prepared
+from mvptr.errors import DataError
 
 
 def write_dataset(root: Path, n_images: int = 3) -> dict[str, Path]:

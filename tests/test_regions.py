@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, run_mvptr
-from mvptr.config import ConfigError, load_config
-from mvptr.data.coco import DataError
+
+from mvptr.config import load_config
 from mvptr.data.synthetic import SIZES, generate_world
+from mvptr.errors import ConfigError, DataError
 from mvptr.regions.backbone import load_backbone
 from mvptr.regions.extract import extract_region_features
 from mvptr.regions.store import Regions, RegionStore, RegionStoreWriter

@@ -1,4 +1,4 @@
-"""MLflow conventions of mvptr.tracking: a parent run per ablation, a child per (stage, task), and resuming.
+"""MLflow conventions of mvptr.tracking: a parent run per (method, ablation), a child per (stage, task), resuming.
 
 Why: a requeued job must go on logging into its run (same id, params not logged twice), a changed config must
 not silently be recorded under old params, and `mvptr compare` relies on the parent/child layout.
@@ -38,11 +38,17 @@ def base_cfg() -> dict:
     return load_config(root=ROOT)
 
 
-def with_ablation(cfg: dict, ablation: str, **top: object) -> dict:
+def with_ablation(cfg: dict, ablation: str, method: str | None = None, **top: object) -> dict:
     cfg = copy.deepcopy(cfg)
     cfg["ablation"] = ablation
+    if method is not None:  # tracking reads only method.name (another method's layer need not exist)
+        cfg["method"]["name"] = method
     cfg.update(top)
     return cfg
+
+
+def run_name(run) -> str:  # noqa: ANN001
+    return run.info.run_name or run.data.tags.get("mlflow.runName")
 
 
 def all_runs(store: str, cfg: dict) -> list:
@@ -52,6 +58,7 @@ def all_runs(store: str, cfg: dict) -> list:
 
 
 def test_parent_per_ablation_and_child_per_stage_task(store: str, base_cfg: dict) -> None:
+    assert base_cfg["method"]["name"] == "mvptr"
     full, other = base_cfg, with_ablation(base_cfg, "no_concepts")
     ids = {
         ("full", "pretrain", "itm"): tracking.open_run(full, stage="pretrain", task="itm"),
@@ -65,10 +72,13 @@ def test_parent_per_ablation_and_child_per_stage_task(store: str, base_cfg: dict
     assert sorted(parents) == ["full", "no_concepts"]
     assert len(runs) == len(parents) + len(ids)  # exactly one parent per ablation, however many children
     by_id = {r.info.run_id: r for r in runs}
+    for ablation, parent in parents.items():
+        assert parent.data.tags["method"] == "mvptr" and run_name(parent) == f"mvptr/{ablation}"
     for (ablation, stage, task), run_id in ids.items():
         tags = by_id[run_id].data.tags
         assert tags[tracking.PARENT_RUN_ID_TAG] == parents[ablation].info.run_id
-        assert (tags["ablation"], tags["stage"], tags["task"]) == (ablation, stage, task)
+        assert (tags["method"], tags["ablation"], tags["stage"], tags["task"]) == ("mvptr", ablation, stage, task)
+        assert run_name(by_id[run_id]) == f"mvptr/{ablation}/{stage}/{task}"
     expected_keys = set(flatten(full))
     for run in runs:
         assert REQUIRED_TAGS <= set(run.data.tags)
@@ -147,7 +157,7 @@ def test_resume_checks_identity_and_unknown_id_starts_a_new_run(store: str, base
     run_id = tracking.open_run(base_cfg, stage="pretrain", task="itm")
     with pytest.raises(tracking.ResumeConflict, match="task: run has 'itm', caller has 'mlm'"):
         tracking.open_run(base_cfg, stage="pretrain", task="mlm", run_id=run_id)
-    with pytest.raises(tracking.ResumeConflict, match="ablation"):
+    with pytest.raises(tracking.ResumeConflict, match="ablation: run has 'full', caller has 'no_wpg'"):
         tracking.open_run(with_ablation(base_cfg, "no_wpg"), stage="pretrain", task="itm", run_id=run_id)
     fresh = tracking.open_run(base_cfg, stage="pretrain", task="itm", run_id="0" * 32)  # lost from the store
     assert fresh != run_id
@@ -158,9 +168,53 @@ def test_resume_checks_identity_and_unknown_id_starts_a_new_run(store: str, base
 def test_parent_is_found_by_tag_and_the_oldest_wins(store: str, base_cfg: dict) -> None:
     mc = tracking.client(store)
     experiment_id = tracking.get_or_create_experiment(mc, tracking.experiment_name(base_cfg))
-    tags = {tracking.PARENT_TAG: "1", "ablation": "full"}
+    tags = {tracking.PARENT_TAG: "1", "method": "mvptr", "ablation": "full"}
     older = mc.create_run(experiment_id, start_time=1_000, tags=tags).info.run_id  # e.g. two racing jobs
     mc.create_run(experiment_id, start_time=2_000, tags=tags)
-    mc.create_run(experiment_id, start_time=500, tags={tracking.PARENT_TAG: "1", "ablation": "other"})
+    mc.create_run(experiment_id, start_time=500, tags={tracking.PARENT_TAG: "1", "method": "mvptr",
+                                                       "ablation": "other"})
+    # the same ablation of another method, and older: not this run's parent
+    mc.create_run(experiment_id, start_time=100, tags={tracking.PARENT_TAG: "1", "method": "simla",
+                                                       "ablation": "full"})
     child = tracking.open_run(base_cfg, stage="evaluate", task="vqa")
     assert mc.get_run(child).data.tags[tracking.PARENT_RUN_ID_TAG] == older
+
+
+def test_same_ablation_of_two_methods_gets_two_parents(store: str, base_cfg: dict) -> None:
+    mvptr, simla = base_cfg, with_ablation(base_cfg, "full", method="simla")
+    ids = {
+        ("mvptr", "evaluate", "retrieval"): tracking.open_run(mvptr, stage="evaluate", task="retrieval"),
+        ("simla", "evaluate", "retrieval"): tracking.open_run(simla, stage="evaluate", task="retrieval"),
+        ("simla", "pretrain", "itm"): tracking.open_run(simla, stage="pretrain", task="itm"),
+    }
+    runs = all_runs(store, mvptr)  # one experiment per study, whatever the method
+    parents = [r for r in runs if r.data.tags.get(tracking.PARENT_TAG) == "1"]
+    by_method = {r.data.tags["method"]: r for r in parents}
+    assert len(parents) == 2 and sorted(by_method) == ["mvptr", "simla"]
+    assert {r.data.tags["ablation"] for r in parents} == {"full"}
+    assert sorted(run_name(r) for r in parents) == ["mvptr/full", "simla/full"]
+    assert tracking.parent_run(mvptr) == by_method["mvptr"].info.run_id
+    assert tracking.parent_run(simla) == by_method["simla"].info.run_id
+    assert len(runs) == len(parents) + len(ids)
+    by_id = {r.info.run_id: r for r in runs}
+    for (method, stage, task), run_id in ids.items():
+        run = by_id[run_id]
+        assert run.data.tags[tracking.PARENT_RUN_ID_TAG] == by_method[method].info.run_id
+        assert (run.data.tags["method"], run.data.tags["ablation"]) == (method, "full")
+        assert run.data.params["method.name"] == method
+        assert run_name(run) == f"{method}/full/{stage}/{task}"
+
+
+def test_resume_with_another_method_is_a_conflict(store: str, base_cfg: dict) -> None:
+    run_id = tracking.open_run(base_cfg, stage="pretrain", task="itm")
+    tracking.close_run(run_id, "KILLED")
+    simla = with_ablation(base_cfg, "full", method="simla")
+    # The identity check, not only the changed param method.name: warning on param conflicts must not let it pass.
+    for on_param_conflict in ("raise", "warn"):
+        with pytest.raises(tracking.ResumeConflict, match="method: run has 'mvptr', caller has 'simla'"):
+            tracking.open_run(simla, stage="pretrain", task="itm", run_id=run_id,
+                              on_param_conflict=on_param_conflict)
+    run = tracking.client(store).get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["method"] == "mvptr"  # left as it was
+    # and nothing started in its place: still the one run and mvptr's parent
+    assert {r.info.run_id for r in all_runs(store, base_cfg)} == {run_id, tracking.parent_run(base_cfg)}

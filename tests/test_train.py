@@ -14,18 +14,18 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import ROOT, quiet, run_mvptr
 from safetensors.torch import load_file
 
-from conftest import ROOT, quiet, run_mvptr
-from mvptr.config import config_hash, load_config
+from mvptr.config import config_hash, load_config, step_keys
+from mvptr.train.checkpoint import load_state
 from mvptr.train.loop import FINAL_WEIGHTS, StagePaths, train_stage
-from mvptr.train.stages import stage1_keys, stage_tasks
+from mvptr.train.stages import stage_objectives
 
 SMALL = ["model.hidden_size=32", "model.num_text_layers=1", "model.num_visual_layers=1", "model.num_cross_layers=1",
          "model.num_attention_heads=2", "model.intermediate_size=64", "pretrain.log_every=1",
@@ -45,6 +45,14 @@ def stage1(artifacts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     return ckpt / FINAL_WEIGHTS
 
 
+@pytest.fixture(scope="module")
+def simla_stage1(artifacts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SIMLA trains in one pass: its stage one saves the initialised model."""
+    ckpt = tmp_path_factory.mktemp("simla_stage1")
+    train_stage(load_config([*SMALL, "method.name=simla"]), 1, paths(artifacts, ckpt), log=quiet)
+    return ckpt / FINAL_WEIGHTS
+
+
 def test_same_seed_gives_identical_losses_and_every_task_is_logged(artifacts, stage1, tmp_path):
     cfg = load_config([*SMALL, "pretrain.stage2.steps=4"])
     first = train_stage(cfg, 2, paths(artifacts, tmp_path / "a", stage1), log=quiet)
@@ -59,10 +67,10 @@ def test_same_seed_gives_identical_losses_and_every_task_is_logged(artifacts, st
 def test_stage_one_trains_mcr_on_the_visual_side_only(artifacts, stage1, tmp_path):
     cfg = load_config(SMALL)
     result = train_stage(cfg, 1, paths(artifacts, tmp_path / "s1"), log=quiet)
-    assert result["tasks"] == ["mcr"] and set(result["history"][0]) >= {"loss_mcr"}
+    assert result["objectives"] == ["mcr"] and set(result["history"][0]) >= {"loss_mcr"}
     trained = load_file(str(tmp_path / "s1" / FINAL_WEIGHTS))
     torch.manual_seed(0)
-    from mvptr.train.loop import build_model
+    from mvptr.models import build_model
 
     fresh = build_model(cfg, trained["embeddings.word_embeddings.weight"].shape[0],
                         trained["region_embeddings.0.weight"].shape[1] - 6).state_dict()
@@ -91,13 +99,17 @@ train_stage(load_config(sys.argv[7:]), 2, StagePaths(*args[:5], init_weights=arg
 """
 
 
-def test_sigkill_and_resume_gives_the_weights_of_a_straight_run(artifacts, stage1, tmp_path):
-    cfg = load_config(SMALL)
-    straight = train_stage(cfg, 2, paths(artifacts, tmp_path / "straight", stage1), log=quiet)
+@pytest.mark.parametrize("method", ["mvptr", "simla"])
+def test_sigkill_and_resume_gives_the_weights_of_a_straight_run(artifacts, stage1, simla_stage1, tmp_path, method):
+    """Also SIMLA's momentum model, ITC queue and its pointer: the whole step state ends the same."""
+    overrides = [*SMALL, f"method.name={method}"]
+    init = {"mvptr": stage1, "simla": simla_stage1}[method]
+    cfg = load_config(overrides)
+    straight = train_stage(cfg, 2, paths(artifacts, tmp_path / "straight", init), log=quiet)
     assert straight["completed"]
 
     ckpt = tmp_path / "killed"
-    argv = [str(artifacts[k]) for k in ("dataset", "concepts", "vocab", "regions")] + [str(ckpt), str(stage1), *SMALL]
+    argv = [str(artifacts[k]) for k in ("dataset", "concepts", "vocab", "regions")] + [str(ckpt), str(init), *overrides]
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(CHILD), *argv], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     seen = []
@@ -111,7 +123,7 @@ def test_sigkill_and_resume_gives_the_weights_of_a_straight_run(artifacts, stage
     assert not (ckpt / FINAL_WEIGHTS).exists()
     killed_run = json.loads((ckpt / "run.json").read_text())["mlflow_run_id"]
     messages = []
-    resumed = train_stage(cfg, 2, paths(artifacts, ckpt, stage1), log=messages.append)
+    resumed = train_stage(cfg, 2, paths(artifacts, ckpt, init), log=messages.append)
     assert any("resumed at step 10" in m for m in messages)
     # The resumed job continues the killed job's MLflow run.
     assert resumed["completed"] and resumed["mlflow_run_id"] == killed_run != straight["mlflow_run_id"]
@@ -119,6 +131,28 @@ def test_sigkill_and_resume_gives_the_weights_of_a_straight_run(artifacts, stage
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst <= 1e-6, worst
+    # The last checkpoint holds the whole step: model, momentum model, queues and pointers.
+    a, b = (load_state(folder, 0)["step_module"] for folder in (tmp_path / "straight", ckpt))
+    assert a.keys() == b.keys()
+    if method == "simla":
+        assert {"objectives.itc.text_queue", "objectives.itc.ptr"} <= a.keys()
+        assert any(key.startswith("momentum.model.") for key in a)
+    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
+
+
+def test_the_momentum_model_follows_the_model_after_every_step(artifacts, simla_stage1, tmp_path):
+    """With decay 0 the momentum copy equals the model after each update; a skipped update leaves it at the
+    initial weights."""
+    cfg = load_config([*SMALL, "method.name=simla", "method.momentum=0.0", "pretrain.stage2.steps=2"])
+    train_stage(cfg, 2, paths(artifacts, tmp_path / "m", simla_stage1), log=quiet)
+    state = load_state(tmp_path / "m", 0)["step_module"]
+    model = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    momentum = {k.removeprefix("momentum.model."): v for k, v in state.items() if k.startswith("momentum.model.")}
+    assert model.keys() == momentum.keys()
+    assert all(torch.equal(model[k], momentum[k]) for k in model)
+    initial = load_file(str(simla_stage1))
+    assert any(not torch.equal(momentum[k], initial[k]) for k in initial if k in momentum)
 
 
 def _free_port() -> int:
@@ -134,10 +168,12 @@ def _first_step_gradients(rank: int, world_size: int, port: int, artifacts: dict
     torch.set_num_threads(1)
     from safetensors.torch import load_model
 
-    from mvptr.data.pairs import PairDataset, PairInputs, collate
-    from mvptr.train.distributed import batch_indices, setup_distributed, teardown_distributed
-    from mvptr.train.loop import build_model, distribute
-    from mvptr.train.objectives import PretrainStep
+    from mvptr.data.order import batch_indices
+    from mvptr.models import build_model
+    from mvptr.objectives.step import PretrainStep
+    from mvptr.pairs import PairDataset, PairInputs, collate
+    from mvptr.train.distributed import setup_distributed, teardown_distributed
+    from mvptr.train.loop import distribute
 
     cfg = load_config([*SMALL, "model.dropout=0"])
     env = setup_distributed(timeout_s=120)  # a rank that cannot reach the other fails the test, not the CI run
@@ -145,7 +181,7 @@ def _first_step_gradients(rank: int, world_size: int, port: int, artifacts: dict
     pairs = PairDataset(inputs, artifacts["regions"] / "train.h5", "train")
     model = build_model(cfg, inputs.vocab_size, pairs.store.feature_dim)
     load_model(model, str(stage1))
-    step = distribute(PretrainStep(model, ["vsc"], cfg["pretrain"]["tasks"]), env)
+    step = distribute(PretrainStep(model, ["vsc"], cfg["pretrain"]["objectives"]), env)
     indices = batch_indices(len(pairs), 8, 0, cfg["seed"], env.rank, env.world_size)
     loss, _ = step(collate([pairs[i] for i in indices]))
     loss.backward()
@@ -180,23 +216,23 @@ def test_two_gloo_ranks_give_the_gradients_of_one_process_with_the_global_batch(
         torch.testing.assert_close(ddp[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_stage_tasks_follow_schedule_and_weights():
+def test_stage_objectives_follow_the_modules_the_schedule_and_the_weights():
     cfg = load_config()
-    assert stage_tasks(cfg, 1) == ["mcr"] and stage_tasks(cfg, 2) == ["vsc", "itm", "mlm", "wpg"]
+    assert stage_objectives(cfg, 1) == ["mcr"] and stage_objectives(cfg, 2) == ["vsc", "itm", "mlm", "wpg"]
     joint = load_config(["ablation=joint"])
-    assert stage_tasks(joint, 1) == [] and stage_tasks(joint, 2) == ["mcr", "vsc", "itm", "mlm", "wpg"]
-    assert "wpg" not in stage_tasks(load_config(["ablation=no_wpg"]), 2)
+    assert stage_objectives(joint, 1) == [] and stage_objectives(joint, 2) == ["mcr", "vsc", "itm", "mlm", "wpg"]
+    assert "wpg" not in stage_objectives(load_config(["ablation=no_wpg"]), 2)
 
 
 def test_stage_one_hash_is_shared_exactly_by_ablations_that_change_only_stage_two():
     def digest(name: str) -> str:
         cfg = load_config([f"ablation={name}"])
-        return config_hash(cfg, stage1_keys(cfg))
+        return config_hash(cfg, step_keys(cfg, "stage1"))
 
     assert digest("full") == digest("no_wpg") == digest("no_itm_hard") == digest("no_vsc")
     assert len({digest("full"), digest("joint"), digest("no_mcr"), digest("no_concepts")}) == 4
     cfg = load_config(["pretrain.stage1.lr=0.1"])
-    assert config_hash(cfg, stage1_keys(cfg)) != digest("full")
+    assert config_hash(cfg, step_keys(cfg, "stage1")) != digest("full")
 
 
 def test_cli_runs_a_stage_through_submitit_and_writes_outputs(artifacts, stage1, tmp_path):

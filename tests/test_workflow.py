@@ -1,5 +1,5 @@
-"""The Snakemake workflow: lint, formatting, dry runs (job counts of an ablation grid, single-rule reruns), and a
-real run of the whole DAG on the tiny world with a shrunken model and a few training steps."""
+"""The Snakemake workflow: lint, formatting, dry runs (job counts of a method x ablation grid, single-rule reruns),
+and a real run of the whole DAG, both methods, on the tiny world with a shrunken model and a few training steps."""
 
 from __future__ import annotations
 
@@ -10,22 +10,23 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from pycocotools.coco import COCO
 
-from conftest import ROOT
 from mvptr.config import dataset_dir, load_config
 
 BIN = Path(sys.executable).parent
 TINY = "dataset={synthetic: {size: tiny}}"
-# The whole DAG in a minute or two: tiny world, 1+1+1 layers at width 32, a few steps of 8 pairs, the full
-# method only (tests that need several ablations say so).
-FAST = [TINY, "ablations=[full]",
+# The whole DAG in a few minutes: tiny world, 1+1+1 layers at width 32, a few steps of 8 pairs, both methods
+# as configured (tests that need several ablations say so).
+METHODS = ("mvptr", "simla")
+TASKS = ("retrieval", "vqa", "ve", "rec", "nlvr2")
+FAST = [TINY, "ablations=[full]", f"methods=[{', '.join(METHODS)}]",
         "model={hidden_size: 32, num_text_layers: 1, num_visual_layers: 1, num_cross_layers: 1, "
         "num_attention_heads: 2, intermediate_size: 64}",
         "pretrain={stage1: {steps: 3, batch_size: 8}, stage2: {steps: 3, batch_size: 8}}",
         "regions={backbone: {epochs: 1}}", "concepts={min_count: 2}",
-        "evaluate={" + ", ".join(f"{task}: {{steps: 2, batch_size: 8}}" for task in
-                                 ("retrieval", "vqa", "ve", "rec", "nlvr2")) + "}"]
+        "evaluate={" + ", ".join(f"{task}: {{steps: 2, batch_size: 8}}" for task in TASKS) + "}"]
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -98,37 +99,63 @@ def test_a_second_run_has_nothing_to_do(tiny_run: Path):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
-def test_the_run_trained_both_stages_through_submitit(tiny_run: Path):
-    stage2 = next(tiny_run.glob("results/*/full/pretrain_stage2"))
+@pytest.mark.parametrize("method, objectives", [("mvptr", ["vsc", "itm", "mlm", "wpg"]),
+                                                ("simla", ["itc", "itm", "mlm", "xmm", "psl"])])
+def test_the_run_trained_both_stages_of_every_method_through_submitit(tiny_run: Path, method: str,
+                                                                      objectives: list[str]):
+    stage2 = next(tiny_run.glob(f"results/*/{method}/full/pretrain_stage2"))
     metrics = json.loads((stage2 / "metrics.json").read_text())
-    assert metrics["steps"] == 3 and metrics["tasks"] == ["vsc", "itm", "mlm", "wpg"]
+    assert metrics["steps"] == 3 and metrics["method"] == method and metrics["objectives"] == objectives
     assert "tr_r_at_1" in metrics["zero_shot"]["recalls"]
-    assert list(tiny_run.glob("results/logs/pretrain_stage2/*/full.submitit/job.json"))
+    assert list(tiny_run.glob(f"results/logs/pretrain_stage2/*/{method}/full.submitit/job.json"))
+    for task in TASKS:
+        assert next(tiny_run.glob(f"results/*/{method}/full/evaluate/{task}.json")).stat().st_size > 0
 
 
-def test_ablations_that_change_only_stage_two_share_one_stage_one_job(tmp_path: Path):
-    proc = snakemake("-n", "--config", TINY, "ablations=[full, no_wpg, no_itm_hard, no_vsc, joint, no_mcr]",
-                     workdir=tmp_path)
+def test_the_summary_has_a_row_per_method(tiny_run: Path):
+    lines = next(tiny_run.glob("results/summary/*/ablations.md")).read_text().splitlines()
+    assert lines[0].startswith("| method | ablation |")
+    assert [line.split("|")[1:3] for line in lines[2:]] == [[" mvptr ", " full "], [" simla ", " full "]]
+
+
+def test_methods_and_ablations_share_exactly_the_stage_one_jobs_that_compute_the_same(tmp_path: Path):
+    ablations = "[full, no_pretraining, no_wpg, joint, simla_no_xmm, simla_no_distill]"
+    proc = snakemake("-n", "--config", TINY, "methods=[mvptr, simla]", f"ablations={ablations}", workdir=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    counts = job_counts(proc.stdout)
+    # Runs: full and no_pretraining for both methods, no_wpg and joint for MVPTR, the two SIMLA ablations: 8.
+    # Stage one: MVPTR's full and no_wpg share one, its joint and no_pretraining have their own; SIMLA trains in
+    # one pass, so its full, simla_no_xmm and simla_no_distill share one and no_pretraining has its own: 5.
+    assert counts["pretrain_stage1"] == 5 and counts["pretrain_stage2"] == 8, counts
+    assert all(counts[f"evaluate_{task}"] == 8 for task in TASKS), counts
+    assert counts["prepare_data"] == 1 and counts["extract_region_features"] == 1, counts
+    assert counts["summarize"] == 1 and counts["extract_concepts"] == 1, counts
+
+
+def test_mvptr_ablations_that_change_only_stage_two_share_one_stage_one_job(tmp_path: Path):
+    proc = snakemake("-n", "--config", TINY, "methods=[mvptr]",
+                     "ablations=[full, no_wpg, no_itm_hard, no_vsc, joint, no_mcr]", workdir=tmp_path)
     assert proc.returncode == 0, proc.stderr
     counts = job_counts(proc.stdout)
     # full, no_wpg, no_itm_hard and no_vsc share one stage one; joint and no_mcr each have their own.
     assert counts["pretrain_stage1"] == 3 and counts["pretrain_stage2"] == 6, counts
-    assert counts["prepare_data"] == 1 and counts["extract_region_features"] == 1, counts
 
 
 def test_forcing_stage_two_reruns_only_stage_two(tiny_run: Path):
     proc = snakemake("-n", "--forcerun", "pretrain_stage2", "--config", *FAST, workdir=tiny_run)
     assert proc.returncode == 0, proc.stderr
     counts = job_counts(proc.stdout)
-    # Stage two of `full`, then its evaluations and the summary; nothing upstream.
-    assert counts.pop("pretrain_stage2") == 1 and counts.pop("summarize") == 1 and counts.pop("all") == 1, counts
-    assert counts == {f"evaluate_{task}": 1 for task in ("retrieval", "vqa", "ve", "rec", "nlvr2")}
+    # Stage two of `full` of each method, then their evaluations and the summary; nothing upstream.
+    assert counts.pop("pretrain_stage2") == 2 and counts.pop("summarize") == 1 and counts.pop("all") == 1, counts
+    assert counts == {f"evaluate_{task}": 2 for task in TASKS}
 
 
 def test_a_stage_two_override_leaves_stage_one_and_the_data_alone(tiny_run: Path):
-    fast = [*FAST[:3], "pretrain={stage1: {steps: 3, batch_size: 8}, stage2: {steps: 4, batch_size: 8}}", *FAST[4:]]
+    fast = [item if not item.startswith("pretrain=") else
+            "pretrain={stage1: {steps: 3, batch_size: 8}, stage2: {steps: 4, batch_size: 8}}" for item in FAST]
+    assert fast != FAST
     proc = snakemake("-n", "--config", *fast, workdir=tiny_run)
     assert proc.returncode == 0, proc.stderr
     counts = job_counts(proc.stdout)
-    assert counts.pop("pretrain_stage2") == 1 and counts.pop("summarize") == 1 and counts.pop("all") == 1, counts
-    assert counts == {f"evaluate_{task}": 1 for task in ("retrieval", "vqa", "ve", "rec", "nlvr2")}
+    assert counts.pop("pretrain_stage2") == 2 and counts.pop("summarize") == 1 and counts.pop("all") == 1, counts
+    assert counts == {f"evaluate_{task}": 2 for task in TASKS}

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 
 import yaml
 
-from mvptr.config import ConfigError, add_config_arguments, config_from_args, config_hash, dataset_dir
+from mvptr.config import add_config_arguments, config_from_args, config_hash, dataset_dir
+from mvptr.errors import ConfigError
 
 COMMAND_MODULES = ["mvptr.data.commands", "mvptr.concepts.commands", "mvptr.regions.commands",
                    "mvptr.train.commands", "mvptr.compare_commands", "mvptr.evaluate.commands",
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from mvptr.data.coco import DataError
+    from mvptr.errors import DataError
 
     try:
         args.func(args)

@@ -1,17 +1,18 @@
-"""Turn the MLflow runs of a study into one table of ablations x task metrics, as CSV, markdown and bar charts.
+"""Turn the MLflow runs of a study into one table of (method, ablation) x task metrics: CSV, markdown, bar charts.
 
-Why: the point of the study is the comparison of ablations; the runs already hold every number (see
+Why: the point of the study is the comparison of methods and ablations; the runs already hold every number (see
 `mvptr.tracking` for how they are laid out), so the summary is read back from MLflow rather than from
 scattered JSON files, and it is the same whether the store is the embedded SQLite file or a tracking server.
 
 What is read: the FINISHED child runs (those with `mlflow.parentRunId`) whose `stage` tag is one of `stages`;
-for each (ablation, task) the latest such run (by end time), and of it each metric's final value (the value
-at the latest step, which is what MLflow keeps as a run's metric). Columns are `<task>/<metric>`; rows are
-ablations, `full` first, then alphabetical.
+for each (method, ablation, task) the latest such run (by end time), and of it each metric's final value (the
+value at the latest step, which is what MLflow keeps as a run's metric). Columns are `<task>/<metric>`; rows are
+(method, ablation) pairs (the `method` and `ablation` tags), methods in the order asked for (else
+alphabetical), within a method `full` first, then alphabetical.
 
 Use:
     mvptr compare [--tracking-uri URI] [--experiment NAME] [--out-dir results/summary] [--stage evaluate ...]
-                  [--ablations a b c]
+                  [--runs mvptr/full simla/full ...] [--methods mvptr simla] [--ablations a b c]
     from mvptr.compare import summary_table; df = summary_table(client, "mvptr-synthetic", ["evaluate"])
 """
 
@@ -43,30 +44,43 @@ class NoRunsError(LookupError):
     """No finished run matches the experiment, stages and ablations asked for; the message says what was searched."""
 
 
-def ablation_order(names: Sequence[str]) -> list[str]:
-    return sorted(set(names), key=lambda name: (name != REFERENCE_ABLATION, name))
+Row = tuple[str, str]  # (method, ablation)
+
+
+def row_order(rows: Sequence[Row], methods: Sequence[str] | None = None) -> list[Row]:
+    """Methods in the order given (the others after them, alphabetical); within one, `full` first."""
+    rank = {name: i for i, name in enumerate(methods or [])}
+    return sorted(set(rows), key=lambda r: (rank.get(r[0], len(rank)), r[0], r[1] != REFERENCE_ABLATION, r[1]))
+
+
+def row_name(row: Row) -> str:
+    return "/".join(row)
 
 
 def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def latest_runs(client: MlflowClient, experiment: str, stages: Sequence[str],
-                ablations: Sequence[str] | None = None) -> dict[tuple[str, str], Run]:
-    """{(ablation, task): the latest FINISHED child run of one of `stages`}."""
+def latest_runs(client: MlflowClient, experiment: str, stages: Sequence[str], ablations: Sequence[str] | None = None,
+                methods: Sequence[str] | None = None,
+                runs: Sequence[Row] | None = None) -> dict[tuple[str, str, str], Run]:
+    """{(method, ablation, task): the latest FINISHED child run of one of `stages`}, only of the given
+    ablations, methods and (method, ablation) runs where those are given."""
     found = client.get_experiment_by_name(experiment)
     if found is None or found.lifecycle_stage != "active":
         raise NoRunsError(f"no MLflow experiment {experiment!r} in {client.tracking_uri}")
-    latest: dict[tuple[str, str], Run] = {}
+    latest: dict[tuple[str, str, str], Run] = {}
     for stage in dict.fromkeys(stages):
         query = f"tags.stage = {_quote(stage)} and attributes.status = 'FINISHED'"
         for run in search_all_runs(client, [found.experiment_id], query):
             tags = run.data.tags
-            if PARENT_RUN_ID_TAG not in tags or "ablation" not in tags or "task" not in tags:
+            if PARENT_RUN_ID_TAG not in tags or not {"method", "ablation", "task"} <= set(tags):
                 continue  # a parent, or a run logged before runs were nested: not a (stage, task) result
-            if ablations is not None and tags["ablation"] not in ablations:
+            method, ablation = tags["method"], tags["ablation"]
+            if ((ablations is not None and ablation not in ablations) or (methods is not None and method not in methods)
+                    or (runs is not None and (method, ablation) not in runs)):
                 continue
-            key = (tags["ablation"], tags["task"])
+            key = (method, ablation, tags["task"])
             order = (run.info.end_time or 0, run.info.start_time or 0, run.info.run_id)
             if key not in latest or order > (latest[key].info.end_time or 0, latest[key].info.start_time or 0,
                                              latest[key].info.run_id):
@@ -75,32 +89,39 @@ def latest_runs(client: MlflowClient, experiment: str, stages: Sequence[str],
 
 
 def summary_table(client: MlflowClient, experiment: str, stages: Sequence[str],
-                  ablations: Sequence[str] | None = None, metrics: Sequence[str] | None = None) -> pd.DataFrame:
-    """Rows: ablations (`full` first, then alphabetical); columns: `<task>/<metric>`, sorted; cells: final values.
+                  ablations: Sequence[str] | None = None, metrics: Sequence[str] | None = None,
+                  methods: Sequence[str] | None = None, runs: Sequence[Row] | None = None) -> pd.DataFrame:
+    """Rows: (method, ablation) (`row_order`), index levels `method` and `ablation`; columns: `<task>/<metric>`,
+    sorted; cells: final values.
 
     `metrics`: shell-style patterns (fnmatch) of the columns to keep (default: every metric of the runs).
+    `ablations`, `methods`, `runs`: keep only these (default all).
 
-    Ablations asked for by name but without runs get a row of NaN, so that the gap shows in the summary.
-    Raises NoRunsError when nothing matches at all.
+    Runs asked for by name (`runs`, and not left out by `methods` or `ablations`) but without results get a row
+    of NaN, so that the gap shows in the summary. Raises NoRunsError when nothing matches at all.
     """
     import pandas as pd
 
-    runs = latest_runs(client, experiment, stages, ablations)
-    if not runs:
-        which = f" for ablations {', '.join(ablations)}" if ablations else ""
+    found = latest_runs(client, experiment, stages, ablations, methods, runs)
+    if not found:
+        which = "".join(f" for {what} {', '.join(map(str, names))}" for what, names in
+                        (("methods", methods), ("ablations", ablations), ("runs", [row_name(r) for r in runs or []]))
+                        if names)
         raise NoRunsError(f"no FINISHED child runs with stage {' or '.join(map(repr, stages))}{which} in MLflow "
                           f"experiment {experiment!r} at {client.tracking_uri}")
-    cells: dict[str, dict[str, float]] = {}
-    for (ablation, task), run in runs.items():
-        row = cells.setdefault(ablation, {})
+    cells: dict[Row, dict[str, float]] = {}
+    for (method, ablation, task), run in found.items():
+        row = cells.setdefault((method, ablation), {})
         for metric, value in run.data.metrics.items():
             column = f"{task}/{metric}"
             if metrics is None or any(fnmatch.fnmatchcase(column, pattern) for pattern in metrics):
                 row[column] = float(value)
-    rows = ablation_order([*cells, *(ablations or [])])
+    # A requested run that the other filters leave out is not a gap: it gets no row (not a false row of n/a).
+    gaps = [r for r in runs or [] if (methods is None or r[0] in methods) and (ablations is None or r[1] in ablations)]
+    rows = row_order([*cells, *gaps], methods)
     columns = sorted({column for row in cells.values() for column in row})
-    table = pd.DataFrame.from_dict(cells, orient="index").reindex(index=rows, columns=columns).astype("float64")
-    table.index.name = "ablation"
+    index = pd.MultiIndex.from_tuples(rows, names=["method", "ablation"])
+    table = pd.DataFrame([cells.get(row, {}) for row in rows], index=index, columns=columns).astype("float64")
     return table
 
 
@@ -113,16 +134,18 @@ def markdown_table(table: pd.DataFrame) -> str:
     def escape(text: object) -> str:
         return str(text).replace("|", "\\|")
 
-    header = [table.index.name or "", *table.columns]
-    rule = "|" + "|".join([" --- "] + [" ---: "] * len(table.columns)) + "|"  # metrics right-aligned
+    names = list(table.index.names)
+    header = [*names, *table.columns]
+    rule = "|" + "|".join([" --- "] * len(names) + [" ---: "] * len(table.columns)) + "|"  # metrics right-aligned
     lines = ["| " + " | ".join(map(escape, header)) + " |", rule]
-    for name, row in table.iterrows():
-        lines.append("| " + " | ".join([escape(name), *(_cell(v) for v in row)]) + " |")
+    for key, row in table.iterrows():
+        lines.append("| " + " | ".join([*map(escape, key), *(_cell(v) for v in row)]) + " |")
     return "\n".join(lines) + "\n"
 
 
 def task_chart(table: pd.DataFrame, task: str) -> bytes:
-    """PNG: one panel per metric of `task`, a bar per ablation; panels because metrics differ in scale."""
+    """PNG: one panel per metric of `task`, a bar per (method, ablation), coloured by method; panels because
+    metrics differ in scale."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -133,13 +156,14 @@ def task_chart(table: pd.DataFrame, task: str) -> bytes:
     fig = Figure(figsize=(max(3.0, 0.6 * len(table)) * ncols, 3.2 * nrows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    colors = [f"C{i % 10}" for i in range(len(table))]
+    methods = list(dict.fromkeys(table.index.get_level_values("method")))
+    colors = [f"C{methods.index(method) % 10}" for method in table.index.get_level_values("method")]
     for ax, column in zip(axes, columns):
         values = table[column].to_numpy(dtype=float)
         bars = ax.bar(range(len(table)), values, color=colors)
         ax.bar_label(bars, labels=["" if math.isnan(v) else _cell(v) for v in values], fontsize=8)
         ax.margins(y=0.12)  # room for the labels above the tallest bar
-        ax.set_xticks(range(len(table)), [str(a) for a in table.index], rotation=30, ha="right")
+        ax.set_xticks(range(len(table)), [row_name(r) for r in table.index], rotation=30, ha="right")
         ax.set_title(column.split("/", 1)[1])
         ax.grid(axis="y", alpha=0.3)
     for ax in axes[len(columns):]:
@@ -155,12 +179,12 @@ def chart_name(task: str) -> str:
 
 
 def write_summary(table: pd.DataFrame, out_dir: Path | str) -> list[Path]:
-    """ablations.csv, ablations.md, ablations.json (DVC metrics: {ablation: {metric: value}}, NaN left out)
-    and `<task>.png` per task in `out_dir`, each written atomically."""
+    """ablations.csv, ablations.md, ablations.json (DVC metrics: {"method/ablation": {metric: value}}, NaN left
+    out) and `<task>.png` per task in `out_dir`, each written atomically."""
     out_dir = Path(out_dir)
     written = [out_dir / CSV_NAME, out_dir / MD_NAME, out_dir / JSON_NAME]
-    atomic_write_json(written[2], {ablation: {k: float(v) for k, v in row.items() if not math.isnan(v)}
-                                   for ablation, row in table.iterrows()})
+    atomic_write_json(written[2], {row_name(key): {k: float(v) for k, v in row.items() if not math.isnan(v)}
+                                   for key, row in table.iterrows()})
     # repr-precision floats, so that the CSV holds exactly what MLflow holds
     atomic_write_bytes(written[0], table.to_csv(float_format=None, lineterminator="\n").encode("utf-8"))
     atomic_write_bytes(written[1], markdown_table(table).encode("utf-8"))

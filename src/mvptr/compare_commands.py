@@ -1,7 +1,7 @@
-"""`mvptr compare`: the ablation summary (CSV, markdown, a bar chart per task) from the MLflow runs of a study.
+"""`mvptr compare`: the (method, ablation) summary (CSV, markdown, a bar chart per task) from a study's MLflow runs.
 
     mvptr compare [--tracking-uri URI] [--experiment NAME] [--out-dir results/summary] [--stage evaluate ...]
-                  [--ablations a b c] [--root DIR]
+                  [--runs mvptr/full simla/full ...] [--methods m ...] [--ablations a b c] [--root DIR]
 
 Why a command: the `summarize` rule calls it, and a user can point it at any store (the cluster's tracking
 server, or a copy of results/mlflow.db). The store defaults to `mvptr.tracking.tracking_uri()`
@@ -18,7 +18,6 @@ from pathlib import Path
 
 from mvptr.config import add_config_arguments
 
-
 # The headline numbers of each downstream task (the MLflow metric names of `mvptr evaluate run`): retrieval's
 # R@1 and R-sum zero-shot, fine-tuned and re-ranked; VQA's overall accuracy; the others' accuracy per split.
 HEADLINE_METRICS = ["retrieval/splits/*/*/r_sum", "retrieval/splits/*/*/*_r_at_1", "vqa/splits/*/overall",
@@ -26,7 +25,7 @@ HEADLINE_METRICS = ["retrieval/splits/*/*/r_sum", "retrieval/splits/*/*/*_r_at_1
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from mvptr.compare import NoRunsError, summary_table, write_summary
+    from mvptr.compare import NoRunsError, row_name, summary_table, write_summary
     from mvptr.tracking import client, experiment_name, sqlite_path, tracking_uri
 
     if args.experiment is None:
@@ -41,20 +40,29 @@ def cmd_compare(args: argparse.Namespace) -> None:
         raise SystemExit(2)
     mc = client(uri)
     try:
-        table = summary_table(mc, args.experiment, args.stage, args.ablations, args.metrics or None)
+        table = summary_table(mc, args.experiment, args.stage, args.ablations, args.metrics or None, args.methods,
+                              args.runs)
     except NoRunsError as err:
         print(f"mvptr compare: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
-    missing = [a for a in table.index if table.loc[a].isna().all()]
+    missing = [row_name(key) for key, row in table.iterrows() if row.isna().all()]
     if missing:
-        print(f"mvptr compare: warning: no finished runs for ablation(s) {', '.join(missing)}", file=sys.stderr)
+        print(f"mvptr compare: warning: no finished runs for {', '.join(missing)}", file=sys.stderr)
     written = write_summary(table, args.out_dir)
-    print(json.dumps({"ablations": list(table.index), "columns": len(table.columns),
+    print(json.dumps({"rows": [row_name(key) for key in table.index], "columns": len(table.columns),
                       "written": [str(p) for p in written]}))
 
 
+def parse_run(text: str) -> tuple[str, str]:
+    """`method/ablation` -> (method, ablation)."""
+    method, sep, ablation = text.partition("/")
+    if not sep or not method or not ablation or "/" in ablation:
+        raise argparse.ArgumentTypeError(f"{text!r} is not of the form method/ablation (e.g. simla/full)")
+    return method, ablation
+
+
 def register(groups: argparse._SubParsersAction) -> None:
-    compare = groups.add_parser("compare", help="summarize the ablations' task metrics from MLflow",
+    compare = groups.add_parser("compare", help="summarize the methods' and ablations' task metrics from MLflow",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     compare.add_argument("--tracking-uri", default=None,
                          help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///results/mlflow.db)")
@@ -65,6 +73,10 @@ def register(groups: argparse._SubParsersAction) -> None:
     compare.add_argument("--stage", nargs="+", default=["evaluate"],
                          help="stage tags of the runs to read (default evaluate)")
     compare.add_argument("--ablations", nargs="+", default=None, help="only these ablations (default all)")
+    compare.add_argument("--methods", nargs="+", default=None,
+                         help="only these methods (the MLflow tag `method`), rows in this order (default all)")
+    compare.add_argument("--runs", nargs="+", type=parse_run, default=None, metavar="METHOD/ABLATION",
+                         help="only these (method, ablation) runs; one without results gets a row of n/a")
     compare.add_argument("--metrics", nargs="+", default=HEADLINE_METRICS,
                          help="shell-style patterns of the <task>/<metric> columns to keep; '*' keeps every metric "
                               "(default: the headline metric of each downstream task)")

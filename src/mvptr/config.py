@@ -9,7 +9,13 @@ Merge order (later wins):
     <  configs/methods/<method.name>.yaml  <  configs/ablations.yaml[<ablation>]  <  `key=value` overrides
 
 The selectors (`dataset.name`, `model.name`, `method.name`, `ablation`) are read after the overrides are
-applied to the base, so `dataset.name=coco_format` on the command line picks the coco_format layer.
+applied to the base, so `dataset.name=coco_format` on the command line picks the coco_format layer. An ablation
+that belongs to one method names it (`method: {name: simla}` in its entry): that selects the method layer
+too, unless the command line names another method (an error).
+
+What each leaf affects is declared in the schema (`x-affects`, see its header); `step_keys(cfg, step)` lists
+the leaves a step's result depends on (its own and those of the steps it reads), the keys that decide what
+reruns and what a stage-one hash covers.
 
 Use:
     from mvptr.config import load_config
@@ -31,9 +37,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file, override or value that cannot be used; the message names the key."""
+from mvptr.errors import ConfigError
 
 
 def project_root() -> Path:
@@ -148,21 +152,44 @@ def compose(base: Mapping[str, Any], overrides: Sequence[str] = (), root: Path |
     configs = root / "configs"
     cli = parse_overrides(overrides)
     selected = merge(base, cli)
-    layers = [base]
-    for section in ("dataset", "model", "method"):
-        name = selected.get(section, {}).get("name")
-        layers.append(_layer(configs / f"{section}s" / f"{name}.yaml", f"{section}.name", name))
     ablations = read_yaml(configs / "ablations.yaml")
     ablation = selected.get("ablation")
     if ablation not in ablations:
         raise ConfigError(f"config key 'ablation': {ablation!r} is not defined in configs/ablations.yaml; "
                           f"allowed values: {', '.join(sorted(ablations))}")
-    layers += [ablations[ablation] or {}, cli]
+    entry = ablations[ablation] or {}
+    owner = entry.get("method", {}).get("name")
+    if owner is not None:
+        asked = cli.get("method", {}).get("name", owner)
+        if asked != owner:
+            raise ConfigError(f"config key 'method.name': {asked!r} does not fit ablation {ablation!r}, which is "
+                              f"an ablation of method {owner!r}")
+        selected = merge(selected, {"method": {"name": owner}})
+    layers = [base]
+    for section in ("dataset", "model", "method"):
+        name = selected.get(section, {}).get("name")
+        layers.append(_layer(configs / f"{section}s" / f"{name}.yaml", f"{section}.name", name))
+    layers += [entry, cli]
     cfg: dict[str, Any] = {}
     for layer in layers:
         cfg = merge(cfg, layer)
     validate(cfg, schema_path(root))
     return cfg
+
+
+def workflow_runs(cfg: Mapping[str, Any], root: Path | None = None) -> list[tuple[str, str]]:
+    """The (method, ablation) pairs the workflow runs: each ablation of `ablations` that names its method (its
+    entry in configs/ablations.yaml sets `method.name`) for that method, every other one for each method of
+    `methods`, in that order."""
+    entries = read_yaml((root or project_root()) / "configs" / "ablations.yaml")
+    runs = []
+    for ablation in cfg["ablations"]:
+        if ablation not in entries:
+            raise ConfigError(f"config key 'ablations': {ablation!r} is not defined in configs/ablations.yaml; "
+                              f"allowed values: {', '.join(sorted(entries))}")
+        owner = (entries[ablation] or {}).get("method", {}).get("name")
+        runs += [(owner, ablation)] if owner else [(method, ablation) for method in cfg["methods"]]
+    return runs
 
 
 def load_config(overrides: Sequence[str] = (), base: Path | None = None, root: Path | None = None) -> dict[str, Any]:
@@ -204,9 +231,30 @@ def _message(error: jsonschema.ValidationError) -> str:
     return f"config key {path!r}: {error.instance!r} is not allowed; allowed: {_allowed(error.schema)}"
 
 
+def with_objectives(schema: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The schema with the options schema of every objective the config names under `pretrain.objectives`
+    (each declared by its module, `mvptr.objectives.options_schema`); an unknown objective is a ConfigError."""
+    names = cfg.get("pretrain", {}).get("objectives")
+    schema = copy.deepcopy(dict(schema))
+    if not isinstance(names, Mapping):
+        return schema
+    from mvptr.objectives import available_objectives, options_schema  # imports torch, not transformers
+
+    known = available_objectives()
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(
+            f"config key 'pretrain.objectives.{name}': no such objective; objectives (mvptr.objectives): "
+            f"{', '.join(known)}" for name in unknown))
+    node = schema["properties"]["pretrain"]["properties"]["objectives"]
+    node["properties"] = {name: options_schema(name) for name in names}
+    node["additionalProperties"] = False
+    return schema
+
+
 def validate(cfg: Mapping[str, Any], schema_file: Path | None = None) -> None:
     """Raise ConfigError listing every invalid key with what it accepts."""
-    schema = read_yaml(schema_file or schema_path())
+    schema = with_objectives(read_yaml(schema_file or schema_path()), cfg)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(cfg), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
@@ -221,6 +269,61 @@ def config_hash(cfg: Mapping[str, Any], keys: Sequence[str] | None = None, lengt
         cfg = picked
     text = json.dumps(cfg, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+# What a step's result depends on: the leaves of its own class and of the steps it reads from (schema header).
+STEP_READS = {"data": ("data",), "concepts": ("data", "concepts"), "regions": ("data", "regions")}
+STEP_READS["stage1"] = (*STEP_READS["concepts"], "regions", "stage1")
+STEP_READS["stage2"] = (*STEP_READS["stage1"], "stage2")
+STEP_READS["evaluate"] = (*STEP_READS["stage2"], "evaluate")
+LEAF_CLASSES = (*STEP_READS, "launch", "workflow")
+
+
+def _schema_child(node: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
+    """The schema of property `key` of an object schema, looking into allOf / if-then branches."""
+    if key in node.get("properties", {}):
+        return node["properties"][key]
+    for branch in node.get("allOf", []):
+        found = _schema_child(branch.get("then", {}), key)
+        if found is not None:
+            return found
+    return None
+
+
+def leaf_class(cfg: Mapping[str, Any], key: str, schema: Mapping[str, Any] | None = None) -> str:
+    """The class (LEAF_CLASSES) of a dotted config leaf: the `x-affects` of its nearest annotated schema node;
+    an objective's option is stage1 when the objective is uni-modal and the schedule two_stage, else stage2.
+    ConfigError when the leaf has none (every leaf must be classified, see tests/test_config.py)."""
+    node: Mapping[str, Any] | None = schema if schema is not None else read_yaml(schema_path())
+    found = None
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        node = _schema_child(node, part) if node is not None else None
+        if node is None:
+            break
+        found = node.get("x-affects", found)
+        if found == "objective":
+            from mvptr.objectives import load_objective
+
+            uni_modal = load_objective(parts[depth + 1]).stage == 1
+            return "stage1" if uni_modal and cfg["pretrain"]["schedule"] == "two_stage" else "stage2"
+    if found not in LEAF_CLASSES:
+        raise ConfigError(f"config key {key!r} is not classified: give it (or a parent) `x-affects` in "
+                          f"{schema_path()} (one of {', '.join(LEAF_CLASSES)} or objective)")
+    return found
+
+
+def classify(cfg: Mapping[str, Any], schema: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Every leaf of the config -> its class."""
+    schema = schema if schema is not None else read_yaml(schema_path())
+    return {key: leaf_class(cfg, key, schema) for key in flatten(cfg)}
+
+
+def step_keys(cfg: Mapping[str, Any], step: str) -> list[str]:
+    """The leaves whose values a step's result depends on (`STEP_READS`), sorted; `launch` gives the keys that
+    only say how a job runs."""
+    wanted = STEP_READS.get(step, (step,))
+    return sorted(key for key, cls in classify(cfg).items() if cls in wanted)
 
 
 def dataset_keys(cfg: Mapping[str, Any]) -> list[str]:

@@ -11,7 +11,9 @@ module for a config rather than by hand, and a test checks that the committed fi
                                              ablations.json) and charts; first `snakemake --touch pretrain_only`,
                                              since DVC's commit of the first stage rewrote its files in no
                                              particular order (Snakemake would redo them by their times)
-Loss curves and charts are DVC plots; params are the config sections each stage reads.
+Loss curves and charts are DVC plots; params are the config sections each stage reads (derived from the
+schema's classification of the keys, `mvptr.config.step_keys`), in configs/default.yaml and in the layer file
+of every method the workflow runs.
 
 Run: `mvptr dvc write [--out dvc.yaml] [key=value ...]` (the overrides must be the ones Snakemake runs with).
 After `dvc pull` in a fresh clone, `make pull` (dvc pull + dvc status + snakemake --touch) makes
@@ -29,16 +31,34 @@ from pathlib import Path
 import yaml
 
 from mvptr.atomic import atomic_write_bytes
-from mvptr.config import add_config_arguments, config_from_args, project_root
+from mvptr.config import add_config_arguments, classify, config_from_args, load_config, project_root, read_yaml
 
 SNAKEMAKE = "snakemake --cores 2 --workflow-profile workflow/profiles/default"
 CODE = ["Snakefile", "workflow/rules", "workflow/schemas", "src/mvptr", "configs"]
-# DVC stage -> (Snakemake target, config sections whose values are the stage's params)
+# DVC stage -> (Snakemake target, the key classes (config.LEAF_CLASSES) of its params): the pretrain stage's
+# params are every key up to stage two plus which runs the workflow makes; the evaluate stage's the rest.
 STAGES = {
-    "pretrain": ("pretrain_only", ["seed", "ablations", "dataset", "concepts", "regions", "model", "method",
-                                   "pretrain"]),
-    "evaluate": ("evaluate_only", ["evaluate"]),
+    "pretrain": ("pretrain_only", ("data", "concepts", "regions", "stage1", "stage2", "workflow")),
+    "evaluate": ("evaluate_only", ("evaluate",)),
 }
+
+
+def stage_params(classes: tuple[str, ...], overrides: Sequence[str], root: Path) -> list[dict[str, list[str]]]:
+    """DVC params of a stage: the top-level sections of configs/default.yaml, and of each running method's
+    layer file, that hold a key of one of `classes`."""
+    cfg = load_config(overrides, root=root)
+    params = []
+    files = ["configs/default.yaml", *(f"configs/methods/{m}.yaml" for m in cfg["methods"])]
+    for name in files:
+        layer = read_yaml(root / name)
+        sections = set()
+        for method in cfg["methods"] if name != files[0] else [cfg["method"]["name"]]:
+            leaves = classify(load_config([*overrides, f"method.name={method}"], root=root))
+            sections |= {key.split(".")[0] for key, cls in leaves.items() if cls in classes}
+        kept = [section for section in layer if section in sections]
+        if kept:
+            params.append({name: kept})
+    return params
 
 
 def target_outputs(target: str, overrides: Sequence[str], root: Path) -> list[str]:
@@ -66,7 +86,7 @@ def build(overrides: Sequence[str], root: Path) -> dict:
     config = _snakemake_config(overrides)
     suffix = " --config " + " ".join(f"'{item}'" for item in config) if config else ""
     stages, declared, upstream = {}, set(), []
-    for name, (target, sections) in STAGES.items():
+    for name, (target, classes) in STAGES.items():
         outputs = [path for path in target_outputs(target, config, root) if path not in declared]
         plots = [p for p in outputs if p.endswith(".png")]
         metrics = [p for p in outputs if p.endswith("ablations.json")]
@@ -77,7 +97,7 @@ def build(overrides: Sequence[str], root: Path) -> dict:
         stage = {"cmd": f"{touch}{SNAKEMAKE} {target}{suffix}",
                  # a later stage depends on every output of the earlier ones (its Snakemake inputs or theirs)
                  "deps": CODE + sorted(declared),
-                 "params": [{"configs/default.yaml": sections}], "outs": outs}
+                 "params": stage_params(classes, overrides, root), "outs": outs}
         if metrics:
             stage["metrics"] = [{path: {"cache": True}} for path in metrics]
         if plots:

@@ -4,9 +4,10 @@ Why: `mlflow ui` and `mvptr compare` can compare ablations only if every stage l
 flattened config) and the same tags (ablation, method, stage, task, dataset, snakemake_rule, slurm_job_id, git
 commit, config hash), and if runs are found the same way everywhere. MLflow records; it never schedules.
 
-Layout: one experiment per study (`mvptr-<dataset>`); in it one parent run per ablation (tag `mvptr_parent=1`)
-and, under it, one child run per (stage or task, ablation) (tag `mlflow.parentRunId`). A requeued job passes
-the run id it kept in its checkpoint directory back to `open_run` and goes on logging into the same run.
+Layout: one experiment per study (`mvptr-<dataset>`); in it one parent run per (method, ablation) (tag
+`mvptr_parent=1`, name `method/ablation`) and, under it, one child run per (stage, task) (tag
+`mlflow.parentRunId`, name `method/ablation/stage/task`). A requeued job passes the run id it kept in its
+checkpoint directory back to `open_run` and goes on logging into the same run.
 
 Store: $MLFLOW_TRACKING_URI when set (a tracking server on a cluster), else a SQLite file
 `results/mlflow.db` in the working directory, beside the other results (MLflow refuses a plain file store).
@@ -33,7 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
-from mvptr.config import ConfigError, config_hash, flatten, project_root
+from mvptr.config import config_hash, flatten, project_root
+from mvptr.errors import ConfigError
 
 if TYPE_CHECKING:  # mlflow is imported inside the functions so that `import mvptr` stays light
     from mlflow.entities import Run
@@ -44,11 +46,11 @@ MAX_METRICS_PER_BATCH = 1000
 PARENT_TAG = "mvptr_parent"
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests runs by it
 PARENT_STAGE = "parent"
-_IDENTITY_TAGS = ("ablation", "stage", "task")  # what a resumed run must agree on with the caller
+_IDENTITY_TAGS = ("method", "ablation", "stage", "task")  # what a resumed run must agree on with the caller
 
 
 class ResumeConflict(ConfigError):
-    """A run to resume was logged by another ablation/stage/task, or with other config values (params)."""
+    """A run to resume was logged by another method/ablation/stage/task, or with other config values (params)."""
 
 
 def tracking_uri() -> str:
@@ -171,25 +173,26 @@ def _set_tags(mc: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
 
 
 def parent_run(cfg: Mapping[str, Any], mc: MlflowClient | None = None) -> str:
-    """The ablation's parent run in the study's experiment, created on first use; returns its id.
+    """The parent run of the (method, ablation) in the study's experiment, created on first use; returns its id.
 
     Two jobs of one ablation may start at once and both create a parent: each then keeps the oldest parent
     (start time, then id) and deletes its own if that is not it, so all children end under one parent.
     """
     mc = mc or client()
     experiment_id = get_or_create_experiment(mc, experiment_name(cfg))
-    ablation = str(cfg["ablation"])
+    method, ablation = str(cfg["method"]["name"]), str(cfg["ablation"])
 
     def parents() -> list[Run]:
         found = search_all_runs(mc, [experiment_id], f"tags.{PARENT_TAG} = '1'")
-        found = [r for r in found if r.data.tags.get("ablation") == ablation]
+        found = [r for r in found if r.data.tags.get("ablation") == ablation
+                 and r.data.tags.get("method") == method]
         return sorted(found, key=lambda r: (r.info.start_time, r.info.run_id))
 
     existing = parents()
     if existing:
         return existing[0].info.run_id
     tags = {**run_tags(cfg, PARENT_STAGE, "all"), PARENT_TAG: "1"}
-    run = mc.create_run(experiment_id, tags=tags, run_name=ablation)
+    run = mc.create_run(experiment_id, tags=tags, run_name=f"{method}/{ablation}")
     own = run.info.run_id
     _log_params(mc, own, run_params(cfg))
     # A parent holds no work of its own; marking it finished keeps the UI from showing it as running forever.
@@ -243,9 +246,10 @@ def _resume(mc: MlflowClient, run: Run, cfg: Mapping[str, Any], stage: str, task
 
 def open_run(cfg: Mapping[str, Any], *, stage: str, task: str, run_id: str | None = None,
              on_param_conflict: str = "raise") -> str:
-    """Resume `run_id` if the store has it (status RUNNING again), else start a child of the ablation's parent.
+    """Resume `run_id` if the store has it (status RUNNING again), else start a child of the (method,
+    ablation)'s parent.
 
-    A resumed run must carry the same ablation, stage and task tags (else ResumeConflict). Params already
+    A resumed run must carry the same method, ablation, stage and task tags (else ResumeConflict). Params already
     logged with the same value are skipped; a changed value raises ResumeConflict naming the keys, or with
     on_param_conflict="warn" warns and keeps the logged value. Returns the run id to keep for a requeue.
     """
@@ -259,7 +263,8 @@ def open_run(cfg: Mapping[str, Any], *, stage: str, task: str, run_id: str | Non
     parent = parent_run(cfg, mc)
     experiment_id = get_or_create_experiment(mc, experiment_name(cfg))
     tags = {**run_tags(cfg, stage, task), PARENT_RUN_ID_TAG: parent}
-    run = mc.create_run(experiment_id, tags=tags, run_name=f"{cfg['ablation']}/{stage}/{task}")
+    run = mc.create_run(experiment_id, tags=tags,
+                        run_name=f"{cfg['method']['name']}/{cfg['ablation']}/{stage}/{task}")
     _log_params(mc, run.info.run_id, run_params(cfg))
     return run.info.run_id
 

@@ -17,8 +17,9 @@ from mvptr.config import (
     dataset_dir as config_dataset_dir,
     overrides_from,
     read_yaml,
+    step_keys,
+    workflow_runs,
 )
-from mvptr.train.stages import stage1_keys
 
 ROOT = Path(workflow.basedir)
 BASE = read_yaml(ROOT / "configs" / "default.yaml")
@@ -26,20 +27,24 @@ OVERRIDES = overrides_from(config, BASE)
 CONFIG = compose(BASE, OVERRIDES, ROOT)
 validate(CONFIG, "../schemas/config.schema.yaml")
 DATASET = config_dataset_dir(CONFIG).name
-# Every ablation that runs, composed like `mvptr ... ablation=<name>`, and the hash of its stage-one keys:
-# ablations with the same hash share one stage-one job.
-ABLATIONS = {
-    name: compose(BASE, [*OVERRIDES, f"ablation={name}"], ROOT)
-    for name in CONFIG["ablations"]
+# Every (method, ablation) that runs (`methods` x the method-independent ablations, plus each method's own
+# ablations), composed like `mvptr ... method.name=<m> ablation=<a>`, and the hash of its stage-one keys:
+# runs with the same hash share one stage-one job.
+RUNS = {
+    (method, ablation): compose(
+        BASE, [*OVERRIDES, f"method.name={method}", f"ablation={ablation}"], ROOT
+    )
+    for method, ablation in workflow_runs(CONFIG, ROOT)
 }
-STAGE1 = {name: config_hash(cfg, stage1_keys(cfg)) for name, cfg in ABLATIONS.items()}
+STAGE1 = {run: config_hash(cfg, step_keys(cfg, "stage1")) for run, cfg in RUNS.items()}
 EVAL_TASKS = CONFIG["evaluate"]["tasks"]
 
 
 # Only the configured dataset can be built: its folder name carries the hash of the keys that shape it.
 wildcard_constraints:
     dataset=re.escape(DATASET),
-    ablation="|".join(re.escape(name) for name in ABLATIONS),
+    method="|".join(sorted({re.escape(method) for method, _ in RUNS})),
+    ablation="|".join(sorted({re.escape(ablation) for _, ablation in RUNS})),
     stage1="|".join(sorted(set(STAGE1.values()))),
 
 
@@ -69,47 +74,45 @@ def vocab_file():
     return f"results/{DATASET}/concepts/concept_vocab.json"
 
 
-def stage1_dir(ablation):
-    """Stage-one outputs of an ablation: keyed by the hash of the config keys that affect stage one."""
-    return f"results/{DATASET}/pretrain/stage1-{STAGE1[ablation]}"
+def stage1_dir(run):
+    """Stage-one outputs of a (method, ablation): keyed by the hash of the config keys that affect stage one."""
+    return f"results/{DATASET}/pretrain/stage1-{STAGE1[run]}"
 
 
-def stage2_dir(ablation):
-    return f"results/{DATASET}/{ablation}/pretrain_stage2"
+def stage2_dir(run):
+    method, ablation = run
+    return f"results/{DATASET}/{method}/{ablation}/pretrain_stage2"
 
 
-def stage1_ablation(wildcards):
-    """The first ablation whose stage one has this hash (they all compute the same thing)."""
-    return next(name for name, digest in STAGE1.items() if digest == wildcards.stage1)
+def stage1_run(wildcards):
+    """The first (method, ablation) whose stage one has this hash (they all compute the same thing)."""
+    return next(run for run, digest in STAGE1.items() if digest == wildcards.stage1)
 
 
-def stage_outputs(ablations=None):
-    """Both stages' outputs of the given (default: every running) ablations."""
-    names = ablations or list(ABLATIONS)
+def wildcard_run(wildcards):
+    return (wildcards.method, wildcards.ablation)
+
+
+def stage_outputs(runs=None):
+    """Both stages' outputs of the given (default: every) (method, ablation) runs."""
     return [
         f"{folder}/{name}"
-        for ablation in names
-        for folder in (stage1_dir(ablation), stage2_dir(ablation))
+        for run in runs or RUNS
+        for folder in (stage1_dir(run), stage2_dir(run))
         for name in ("model.safetensors", "metrics.json", "loss_curves.png")
     ]
 
 
-# The config sections each step reads. A rule hands its command only the overrides under these keys, so
-# that changing, say, a stage-two setting does not change the params of (and so rerun) the data rules.
-DATA_KEYS = ("seed", "dataset")
-CONCEPT_KEYS = (*DATA_KEYS, "concepts", "model.name", "model.tokenizer")
-REGION_KEYS = (*DATA_KEYS, "regions")
-# Keys that change nothing a GPU-class step computes but that its command reads: how and where it runs. They
-# reach the command outside `params:` (LAUNCH_ARGS in the shell line), so that running the same workflow with
-# another profile (local -> SLURM) or cadence is not a params change that reruns every trained stage.
-RUN_KEYS = (
-    "launch",
-    "pretrain.checkpoint_every",
-    "pretrain.log_every",
-    "pretrain.num_workers",
-)
-# Every section except `ablations`, which only says which ablations the workflow runs.
-TRAIN_KEYS = tuple(key for key in BASE if key != "ablations")
+# The keys each step's result depends on, from their classification in the schema (`x-affects`). A rule hands
+# its command only the overrides of these keys, so that changing, say, a stage-two setting does not change the
+# params of (and so rerun) the data rules.
+DATA_KEYS = step_keys(CONFIG, "data")
+CONCEPT_KEYS = step_keys(CONFIG, "concepts")
+REGION_KEYS = step_keys(CONFIG, "regions")
+# Keys that change nothing a step computes but that its command reads: how and where it runs. They reach the
+# command outside `params:` (LAUNCH_ARGS in the shell line), so that running the same workflow with another
+# profile (local -> SLURM) or cadence is not a params change that reruns every trained stage.
+RUN_KEYS = step_keys(CONFIG, "launch")
 
 
 def overrides_under(keys, exclude=()):
@@ -130,33 +133,39 @@ LAUNCH_ARGS = " ".join(shlex.quote(item) for item in overrides_under(RUN_KEYS))
 def stage1_args(wildcards):
     """Stage one's command gets only the overrides of the keys its hash covers, so that a stage-two override
     neither changes its path nor its params (a rerun trigger)."""
-    ablation = stage1_ablation(wildcards)
-    return config_args((*stage1_keys(ABLATIONS[ablation]), "method"), ablation)
+    run = stage1_run(wildcards)
+    return config_args(step_keys(RUNS[run], "stage1"), run)
 
 
-def evaluation_outputs(ablations=None):
-    """The metrics JSON of every downstream task of the given (default: every running) ablations."""
-    names = ablations or list(ABLATIONS)
+def step_args(step):
+    """The params function of a per-(method, ablation) rule: the overrides of the keys `step` depends on."""
+    return lambda wildcards: config_args(
+        step_keys(RUNS[wildcard_run(wildcards)], step), wildcard_run(wildcards)
+    )
+
+
+def evaluation_outputs(runs=None):
+    """The metrics JSON of every downstream task of the given (default: every) (method, ablation) runs."""
     return [
-        f"results/{DATASET}/{ablation}/evaluate/{task}.json"
-        for ablation in names
+        f"results/{DATASET}/{method}/{ablation}/evaluate/{task}.json"
+        for method, ablation in runs or RUNS
         for task in EVAL_TASKS
     ]
 
 
 def summary_outputs():
-    """The ablation table (CSV, markdown) and the bar chart of every task."""
+    """The (method, ablation) table (CSV, markdown, JSON) and the bar chart of every task."""
     folder = f"results/summary/{DATASET}"
     return [f"{folder}/ablations.{ext}" for ext in ("csv", "md", "json")] + [
         f"{folder}/{task}.png" for task in EVAL_TASKS
     ]
 
 
-def config_args(keys, ablation=None):
-    """`--root` and the overrides under `keys` but not under RUN_KEYS (plus `ablation=<name>`) to hand to
-    `mvptr`, shell-quoted: a rule's command may run in another working directory (--directory, a cluster node)
-    and composes the same config from them."""
-    extra = [f"ablation={ablation}"] if ablation else []
+def config_args(keys, run=None):
+    """`--root` and the overrides under `keys` but not under RUN_KEYS (plus `method.name=<m> ablation=<a>` of a
+    (method, ablation) run) to hand to `mvptr`, shell-quoted: a rule's command may run in another working
+    directory (--directory, a cluster node) and composes the same config from them."""
+    extra = [f"method.name={run[0]}", f"ablation={run[1]}"] if run else []
     picked = overrides_under(keys, exclude=RUN_KEYS)
     return " ".join(
         shlex.quote(item) for item in ["--root", str(ROOT), *picked, *extra]

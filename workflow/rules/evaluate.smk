@@ -1,6 +1,6 @@
-"""Downstream rules: one `evaluate_<task>` rule per task (retrieval, vqa, ve, rec, nlvr2) fine-tunes an
-ablation's stage-two weights on the task and evaluates it (`mvptr evaluate run`, through submitit), writing the
-task's metrics JSON and logging them to MLflow. The `no_pretraining` ablation (no training steps) gives the
+"""Downstream rules: one `evaluate_<task>` rule per task (retrieval, vqa, ve, rec, nlvr2) fine-tunes a (method,
+ablation)'s stage-two weights on the task, with the same protocol and budget for every method, and evaluates it
+(`mvptr evaluate run`, through submitit), writing the task's metrics JSON and logging them to MLflow. The `no_pretraining` ablation (no training steps) gives the
 same fine-tuning from a randomly initialised model."""
 
 for task in EVAL_TASKS:
@@ -13,13 +13,13 @@ for task in EVAL_TASKS:
             concepts="results/{dataset}/concepts/concepts.json",
             vocab="results/{dataset}/concepts/concept_vocab.json",
             regions="results/{dataset}/regions",
-            weights="results/{dataset}/{ablation}/pretrain_stage2/model.safetensors",
+            weights="results/{dataset}/{method}/{ablation}/pretrain_stage2/model.safetensors",
         output:
-            f"results/{{dataset}}/{{ablation}}/evaluate/{task}.json",
+            f"results/{{dataset}}/{{method}}/{{ablation}}/evaluate/{task}.json",
         log:
-            f"results/logs/evaluate_{task}/{{dataset}}/{{ablation}}.log",
+            f"results/logs/evaluate_{task}/{{dataset}}/{{method}}/{{ablation}}.log",
         benchmark:
-            f"results/benchmarks/rules/evaluate_{task}/{{dataset}}/{{ablation}}.tsv"
+            f"results/benchmarks/rules/evaluate_{task}/{{dataset}}/{{method}}/{{ablation}}.tsv"
         conda:
             "../../environment.yml"
         # The fine-tuning job uses launch.cpus_per_task torch threads: two jobs at once on 2 cores thrash.
@@ -28,8 +28,8 @@ for task in EVAL_TASKS:
             launch=LAUNCH_ARGS,
         params:
             task=task,
-            job_dir=f"results/logs/evaluate_{task}/{{dataset}}/{{ablation}}.submitit",
-            config=lambda wildcards: config_args(TRAIN_KEYS, wildcards.ablation),
+            job_dir=f"results/logs/evaluate_{task}/{{dataset}}/{{method}}/{{ablation}}.submitit",
+            config=step_args("evaluate"),
         shell:
             "MVPTR_RULE=evaluate_{params.task} mvptr evaluate run --task {params.task} "
             "--dataset {input.dataset} --concepts {input.concepts} --vocab {input.vocab} "

@@ -1,5 +1,6 @@
-"""Pre-training rules: stage one (keyed by the hash of the keys that affect it, shared by ablations) and stage
-two (per ablation). Each submits its stage through submitit (`launch.*` config, set by the profile) and
+"""Pre-training rules: stage one (keyed by the hash of the keys that affect it, shared by the ablations of a
+method that do not change it) and stage two (per method and ablation). Each submits its stage through submitit
+(`launch.*` config, set by the profile) and
 resumes from its checkpoint directory, a `params:` entry that Snakemake never deletes.
 """
 
@@ -48,29 +49,29 @@ rule pretrain_stage2:
         concepts="results/{dataset}/concepts/concepts.json",
         vocab="results/{dataset}/concepts/concept_vocab.json",
         regions="results/{dataset}/regions",
-        stage1=lambda wildcards: f"{stage1_dir(wildcards.ablation)}/model.safetensors",
+        stage1=lambda wildcards: f"{stage1_dir(wildcard_run(wildcards))}/model.safetensors",
     output:
-        model="results/{dataset}/{ablation}/pretrain_stage2/model.safetensors",
-        metrics="results/{dataset}/{ablation}/pretrain_stage2/metrics.json",
+        model="results/{dataset}/{method}/{ablation}/pretrain_stage2/model.safetensors",
+        metrics="results/{dataset}/{method}/{ablation}/pretrain_stage2/metrics.json",
         curves=report(
-            "results/{dataset}/{ablation}/pretrain_stage2/loss_curves.png",
+            "results/{dataset}/{method}/{ablation}/pretrain_stage2/loss_curves.png",
             caption="../report/loss_curves.rst",
             category="Loss curves",
         ),
     log:
-        "results/logs/pretrain_stage2/{dataset}/{ablation}.log",
+        "results/logs/pretrain_stage2/{dataset}/{method}/{ablation}.log",
     benchmark:
-        "results/benchmarks/rules/pretrain_stage2/{dataset}/{ablation}.tsv"
+        "results/benchmarks/rules/pretrain_stage2/{dataset}/{method}/{ablation}.tsv"
     conda:
         "../../environment.yml"
     threads: 2
     resources:
         launch=LAUNCH_ARGS,
     params:
-        ckpt_dir="results/{dataset}/checkpoints/{ablation}/stage2",
-        job_dir="results/logs/pretrain_stage2/{dataset}/{ablation}.submitit",
-        out="results/{dataset}/{ablation}/pretrain_stage2",
-        config=lambda wildcards: config_args(TRAIN_KEYS, wildcards.ablation),
+        ckpt_dir="results/{dataset}/checkpoints/{method}/{ablation}/stage2",
+        job_dir="results/logs/pretrain_stage2/{dataset}/{method}/{ablation}.submitit",
+        out="results/{dataset}/{method}/{ablation}/pretrain_stage2",
+        config=step_args("stage2"),
     shell:
         "MVPTR_RULE=pretrain_stage2 mvptr pretrain stage --stage 2 --dataset {input.dataset} "
         "--concepts {input.concepts} --vocab {input.vocab} --regions {input.regions} "

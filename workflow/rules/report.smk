@@ -1,6 +1,6 @@
-"""Summary rule: the ablation table (rows: ablations, columns: every task metric) and a bar chart per task, from
-the MLflow runs of the evaluations (`mvptr compare`); its outputs and the loss curves go into
-`snakemake --report`."""
+"""Summary rule: the comparison table (rows: (method, ablation), columns: every task's headline metrics) and a
+bar chart per task, from the MLflow runs of the evaluations (`mvptr compare`); its outputs and the loss curves go
+into `snakemake --report`."""
 
 
 rule summarize:
@@ -26,10 +26,11 @@ rule summarize:
     conda:
         "../../environment.yml"
     params:
-        ablations=" ".join(ABLATIONS),
+        runs=" ".join(f"{method}/{ablation}" for method, ablation in RUNS),
+        methods=" ".join(dict.fromkeys(method for method, _ in RUNS)),
         out="results/summary/{dataset}",
         config=config_args(DATA_KEYS),
     shell:
         "MVPTR_RULE=summarize mvptr compare {params.config} --stage evaluate "
-        "--out-dir {params.out} --ablations {params.ablations} > {log} 2>&1 "
+        "--out-dir {params.out} --runs {params.runs} --methods {params.methods} > {log} 2>&1 "
         "&& cat {output.markdown} >> {log}"

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from mvptr.atomic import atomic_write_json
 from mvptr.concepts.parser import KINDS
-from mvptr.config import ConfigError, add_config_arguments, config_from_args
+from mvptr.config import add_config_arguments, config_from_args
+from mvptr.errors import ConfigError
 
 if TYPE_CHECKING:  # pycocotools is imported lazily so that `mvptr --help` stays fast
     from mvptr.data.coco import CocoFormatDataset
@@ -30,7 +31,8 @@ _RECORD_KEYS = ("image_id", "text", *KINDS, "spans")
 
 def read_concepts(path: Path) -> dict[str, dict[str, Any]]:
     """A file written by `mvptr concepts extract`; a malformed record names its caption id."""
-    from mvptr.data.coco import DataError, read_json
+    from mvptr.data.coco import read_json
+    from mvptr.errors import DataError
 
     data = read_json(path)
     if not isinstance(data, dict):
@@ -50,7 +52,7 @@ def dataset_captions(ds: CocoFormatDataset, split: str | None = None) -> list[tu
 def check_extracted_from(concepts: dict[str, dict[str, Any]], concepts_path: Path, ds: CocoFormatDataset,
                          dataset_dir: Path) -> None:
     """The concepts file holds exactly the captions of the dataset, with the same texts (not a stale file)."""
-    from mvptr.data.coco import DataError
+    from mvptr.errors import DataError
 
     captions = {str(cid): text for cid, _, text in dataset_captions(ds)}
     wrong = [cid for cid, text in captions.items() if cid not in concepts or concepts[cid]["text"] != text]
@@ -82,7 +84,8 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 def cmd_quality(args: argparse.Namespace) -> None:
     from mvptr.concepts.quality import score
-    from mvptr.data.coco import DataError, open_prepared, read_json
+    from mvptr.data.coco import open_prepared, read_json
+    from mvptr.errors import DataError
 
     gold_path = args.dataset / GOLD_GRAPHS
     if not gold_path.is_file():

@@ -24,6 +24,8 @@ from typing import Any
 
 from pycocotools.coco import COCO
 
+from mvptr.errors import DataError
+
 # Where `mvptr data prepare` puts each file of a generated dataset, relative to its folder. A prepared
 # user dataset records absolute paths to the user's files in its manifest instead.
 STANDARD_LAYOUT = {
@@ -33,10 +35,6 @@ STANDARD_LAYOUT = {
     "split_file": "karpathy_split.json",
 }
 SHOW_MISSING = 5
-
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message names the file, position or id."""
 
 
 def read_json(path: Path | str) -> Any:

@@ -19,8 +19,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mvptr.artifacts import add_artifact_arguments, artifact_paths
 from mvptr.atomic import atomic_write_json
-from mvptr.config import ConfigError, add_config_arguments, config_from_args
+from mvptr.config import add_config_arguments, config_from_args
+from mvptr.errors import ConfigError
 
 # The saved weights wait in the job folder until the job has succeeded.
 SAVED_WEIGHTS = "finetuned.safetensors"
@@ -40,15 +42,17 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from mvptr.data.coco import DataError
+    from mvptr.errors import DataError
 
     cfg = config_from_args(args)
     if not args.weights.is_file():
         raise DataError(f"--weights {args.weights}: no such file")
-    layer, cross_layers = cfg["evaluate"]["rec"]["layer"], cfg["model"]["num_cross_layers"]
-    if args.task == "rec" and layer > cross_layers:
-        raise ConfigError(f"config key 'evaluate.rec.layer': {layer} is more than the model's {cross_layers} "
-                          "cross-modal layers (model.num_cross_layers)")
+    from mvptr.models import model_class
+
+    layer, fusion_layers = cfg["evaluate"]["rec"]["layer"], model_class(cfg["method"]["name"]).fusion_layers(cfg)
+    if args.task == "rec" and layer > fusion_layers:
+        raise ConfigError(f"config key 'evaluate.rec.layer': {layer} is more than the {fusion_layers} "
+                          f"cross-modal layers of a {cfg['method']['name']} model of this config")
     # torch, transformers and MLflow are imported only once the arguments are known to be usable.
     from mvptr.evaluate.finetune import TaskPaths, flat_metrics
     from mvptr.launch.job import ConfigJob
@@ -56,8 +60,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from mvptr.tracking import log_run
 
     job_dir = args.job_dir.resolve()
-    paths = TaskPaths(dataset=args.dataset.resolve(), concepts=args.concepts.resolve(), vocab=args.vocab.resolve(),
-                      regions=args.regions.resolve(), weights=args.weights.resolve(),
+    paths = TaskPaths(**artifact_paths(args), weights=args.weights.resolve(),
                       save_to=job_dir / SAVED_WEIGHTS if args.model_out else None)
     settings = LaunchSettings.from_config(cfg["launch"])
     result = launch(ConfigJob("mvptr.evaluate.finetune:finetune", cfg, args.task, paths),
@@ -77,11 +80,9 @@ def register(groups: argparse._SubParsersAction) -> None:
         dest="cmd", required=True)
     run = evaluate.add_parser("run", help="fine-tune and evaluate one task through submitit")
     run.add_argument("--task", choices=TASKS, required=True)
-    for name, what in (("dataset", "prepared dataset folder (with the task files)"), ("concepts", "concepts.json"),
-                       ("vocab", "concept_vocab.json"), ("regions", "folder of the region stores"),
-                       ("weights", "model.safetensors to fine-tune (pre-trained, or never trained)")):
-        run.add_argument(f"--{name}", type=Path, required=True, help=what)
-    run.add_argument("--job-dir", type=Path, required=True, help="submitit folder and job id (beside the log)")
+    add_artifact_arguments(run)
+    run.add_argument("--weights", type=Path, required=True,
+                     help="model.safetensors to fine-tune (pre-trained, or never trained)")
     run.add_argument("--out", type=Path, required=True, help="metrics JSON")
     run.add_argument("--model-out", type=Path, default=None, help="where to save the fine-tuned model and head")
     add_config_arguments(run)

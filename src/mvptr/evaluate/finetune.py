@@ -1,14 +1,17 @@
-"""Fine-tune a pre-trained MVPTR model on one downstream task and evaluate it (METHODS.md, "Downstream").
+"""Fine-tune a pre-trained model of any method on one downstream task and evaluate it (METHODS.md, "Downstream").
 
 Why: the ablations are compared by what their pre-training buys downstream, so every task is fine-tuned from
 the given weights with the same budget (`evaluate.<task>` steps, batch size, learning rate) whatever those
-weights are - a model that was never trained gives the "no pre-training" baseline. The fine-tuning recipe
-does not follow the pre-training ablation either: retrieval always trains VSC + ITM with weight 1 and
-`evaluate.retrieval.itm_sampling` negatives.
+weights are - a model that was never trained gives the "no pre-training" baseline - and whatever the method:
+the model is seen only through the interface of `mvptr.models.base`. The fine-tuning recipe does not follow
+the pre-training ablation either: retrieval always trains the method's contrastive objective (the one with the
+contrastive head: MVPTR's VSC, SIMLA's ITC with its queue and momentum model) + ITM with weight 1 and
+`evaluate.retrieval.itm_sampling` negatives (the options otherwise the method's).
 
-    retrieval  VSC + hard-negative ITM (`PretrainStep`) on the train captions; on the test split, rank every
-               pair by VSC, re-rank the top k_text texts per image and k_image images per text with ITM;
-               R@1/5/10 both ways and r_sum zero-shot (VSC, before fine-tuning) and fine-tuned (VSC, ITM)
+    retrieval  contrastive + hard-negative ITM (`PretrainStep`) on the train captions; on the test split, rank
+               every pair by the contrastive similarity, re-rank the top k_text texts per image and k_image
+               images per text with ITM; R@1/5/10 both ways and r_sum zero-shot (contrastive, before
+               fine-tuning) and fine-tuned (contrastive, ITM)
     vqa        answer vocabulary = every (normalised) training answer, most frequent first (capped by
                evaluate.vqa.max_answers); soft-score BCE; official VQA accuracy overall and per question and
                answer type
@@ -52,20 +55,29 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
-from mvptr.data.coco import DataError, read_json
-from mvptr.data.pairs import (Artifacts, EncodedText, PairDataset, PairInputs, TextEncoder, collate, collate_image,
-                              collate_text)
+from mvptr.artifacts import Artifacts
+from mvptr.data.coco import read_json
+from mvptr.data.order import batch_indices
+from mvptr.errors import DataError
 from mvptr.evaluate import task_data
 from mvptr.evaluate.encode import encode_split
 from mvptr.evaluate.heads import MLPHead, pooled, region_scores
-from mvptr.evaluate.metrics import (box_iou, classification_report, grounding_accuracy, normalize_answer,
-                                    retrieval_recalls, vqa_report, vqa_soft_scores)
+from mvptr.evaluate.metrics import (
+    box_iou,
+    classification_report,
+    grounding_accuracy,
+    normalize_answer,
+    retrieval_recalls,
+    vqa_report,
+    vqa_soft_scores,
+)
 from mvptr.evaluate.rerank import itm_pair_scorer, rerank
 from mvptr.evaluate.zero_shot import chance_recalls
+from mvptr.models import build_model
+from mvptr.objectives import load_objective
+from mvptr.objectives.step import PretrainStep, momentum_options
+from mvptr.pairs import EncodedText, PairDataset, PairInputs, TextEncoder, collate, collate_image, collate_text
 from mvptr.progress import Progress
-from mvptr.train.distributed import batch_indices
-from mvptr.train.loop import build_model
-from mvptr.train.objectives import PretrainStep
 from mvptr.train.optim import build_optimizer
 
 Log = Callable[[str], None]
@@ -131,9 +143,11 @@ class Resources:
         return self.to_device(collate_text(items))
 
     def encode_text(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """(B, L, H) text-encoder outputs of encoded texts, and their attention mask."""
+        """(B, L, H) token states of encoded texts (`TextEncoding.tokens`, what the fusion starts from), and their
+        attention mask."""
         batch = self.text_batch(texts)
-        return self.model.encode_text(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"]
+        text = self.model.encode_text(batch["input_ids"], batch["attention_mask"])
+        return text.tokens, batch["attention_mask"]
 
     def to_device(self, batch: Mapping[str, Tensor]) -> Batch:
         return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
@@ -144,10 +158,12 @@ def _autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def fit(module: nn.Module, batch_loss: Callable[[list[int]], Tensor], num_items: int, tcfg: Mapping[str, Any],
-        ecfg: Mapping[str, Any], seed: int, device: torch.device, log: Log, name: str) -> dict[str, Any]:
+def fit(module: nn.Module, batch_loss: Callable[[list[int], int], Tensor], num_items: int, tcfg: Mapping[str, Any],
+        ecfg: Mapping[str, Any], seed: int, device: torch.device, log: Log, name: str,
+        after_step: Callable[[], None] | None = None) -> dict[str, Any]:
     """AdamW with linear warmup and decay over `tcfg["steps"]` steps of `tcfg["batch_size"]` items drawn by
-    `batch_indices`; returns the first loss and the mean loss of the last tenth of the steps."""
+    `batch_indices` (`batch_loss(indices, step)`), then `after_step()` (a momentum update) if given; returns
+    the first loss and the mean loss of the last tenth of the steps."""
     steps, batch_size = tcfg["steps"], min(tcfg["batch_size"], num_items)
     optimizer, scheduler = build_optimizer(module, {
         "steps": steps, "lr": tcfg["lr"], "warmup_steps": round(ecfg["warmup_fraction"] * steps), "decay": "linear",
@@ -157,13 +173,15 @@ def fit(module: nn.Module, batch_loss: Callable[[list[int]], Tensor], num_items:
     for step in range(steps):
         module.train()
         with _autocast(device):
-            loss = batch_loss(batch_indices(num_items, batch_size, step, seed))
+            loss = batch_loss(batch_indices(num_items, batch_size, step, seed), step)
         loss.backward()
         if ecfg["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(module.parameters(), ecfg["grad_clip"])
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
         losses.append(loss.item())
         progress.advance(note=f", loss {losses[-1]:.4f}")
     tail = losses[-max(1, steps // 10):]
@@ -174,25 +192,38 @@ def fit(module: nn.Module, batch_loss: Callable[[list[int]], Tensor], num_items:
 # --- Retrieval ----------------------------------------------------------------------------------------------
 
 
+def retrieval_objectives(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The method's objectives that retrieval fine-tunes with (those with the contrastive or the ITM head),
+    at weight 1, ITM with `evaluate.retrieval.itm_sampling` negatives."""
+    chosen = {}
+    for name, options in cfg["pretrain"]["objectives"].items():
+        head = load_objective(name).head_name
+        if head in ("contrastive", "itm"):
+            chosen[name] = {**options, "weight": 1.0}
+            if head == "itm":
+                chosen[name]["sampling"] = cfg["evaluate"]["retrieval"]["itm_sampling"]
+    return chosen
+
+
 def retrieval(res: Resources, cfg: Mapping[str, Any], seed: int, log: Log) -> tuple[dict[str, Any], None]:
-    """Fine-tune with VSC + ITM, evaluate zero-shot and fine-tuned retrieval; no head (the model's own)."""
+    """Fine-tune with the contrastive objective + ITM, evaluate zero-shot and fine-tuned retrieval; no head (the
+    model's own)."""
     ecfg, rcfg = cfg["evaluate"], cfg["evaluate"]["retrieval"]
     train, test = res.sets[task_data.TRAIN_SPLIT["retrieval"]], res.sets[task_data.EVAL_SPLITS["retrieval"][0]]
     before = encode_split(res.model, test, res.device, ecfg["eval_batch_size"])
     zero_shot = retrieval_recalls(before.similarity(), before.text_to_image)
-    tasks = cfg["pretrain"]["tasks"]
-    options = {"vsc": {**tasks["vsc"], "weight": 1.0},
-               "itm": {**tasks["itm"], "weight": 1.0, "sampling": rcfg["itm_sampling"]}}
-    step = PretrainStep(res.model, ["vsc", "itm"], options, torch.Generator().manual_seed(seed))
+    options = retrieval_objectives(cfg)
+    step = PretrainStep(res.model, list(options), options, torch.Generator().manual_seed(seed),
+                        **momentum_options(cfg)).to(res.device)
 
-    def batch_loss(indices: list[int]) -> Tensor:
-        return step(res.to_device(collate([train[i] for i in indices])))[0]
+    def batch_loss(indices: list[int], index: int) -> Tensor:
+        return step(res.to_device(collate([train[i] for i in indices])), step=index)[0]
 
-    training = fit(res.model, batch_loss, len(train), rcfg, ecfg, seed, res.device, log, "retrieval")
-    enc = encode_split(res.model, test, res.device, ecfg["eval_batch_size"])
-    similarity = enc.similarity().to(res.device)
-    scorer = itm_pair_scorer(res.model, enc.text_hidden.to(res.device), enc.text_mask.to(res.device),
-                             enc.region_hidden.to(res.device), enc.region_mask.to(res.device))
+    training = fit(res.model, batch_loss, len(train), rcfg, ecfg, seed, res.device, log, "retrieval",
+                   after_step=step.after_step)
+    enc = encode_split(res.model, test, res.device, ecfg["eval_batch_size"]).to(res.device)
+    similarity = enc.similarity()
+    scorer = itm_pair_scorer(res.model, enc)
     with _autocast(res.device):
         reranked = rerank(similarity, rcfg["k_text"], rcfg["k_image"], scorer, ecfg["eval_batch_size"],
                           add_similarity=rcfg["add_similarity"])
@@ -422,7 +453,7 @@ def example_task(res: Resources, cfg: Mapping[str, Any], name: str, paths: TaskP
     log(f"{name}: parsed and encoded {len(res.texts)} distinct texts in {time.monotonic() - started:.1f}s")
     module = with_head(res.model, task.head)
 
-    def batch_loss(indices: list[int]) -> Tensor:
+    def batch_loss(indices: list[int], _: int) -> Tensor:
         examples = [train[i] for i in indices]
         return task.loss(task.outputs(examples), examples)
 

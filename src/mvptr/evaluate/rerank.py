@@ -17,12 +17,12 @@ rank k the order is VSC's; R@K needs only the top K, so any k >= 10 gives exact 
 
 The model-specific part is `pair_scores(image_idx, text_idx) -> (P,) scores` (higher = match): the caller
 encodes every image and text once and scores pairs from the cached uni-modal outputs; `itm_pair_scorer` builds
-it for an `MVPTRModel`. Calls come in batches of at most `batch_size` pairs, under `torch.no_grad()`.
+it for any method's model (`model.fuse` + `model.match_logits`). Calls come in batches of at most
+`batch_size` pairs, under `torch.no_grad()`.
 
 Use:
-    text = model.encode_text(input_ids, attention_mask)                        # once per text (batched)
-    image = model.encode_image(tag_ids, tag_mask, region_feats, region_boxes, region_mask)
-    scorer = itm_pair_scorer(model, text, attention_mask, image.regions, region_mask)
+    enc = encode_split(model, pairs, device)                                   # once per text and image
+    scorer = itm_pair_scorer(model, enc)
     result = rerank(similarity, k_text=128, k_image=64, pair_scores=scorer, batch_size=256)
     result.i2t, result.t2i, result.pairs_scored
     full = exhaustive_scores(n_images, n_texts, scorer, batch_size=256)         # every pair, for comparison
@@ -36,10 +36,9 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
-from mvptr.tasks.itm import itm_logits
-
 if TYPE_CHECKING:
-    from mvptr.models.mvptr import MVPTRModel
+    from mvptr.evaluate.encode import SplitEncoding
+    from mvptr.models.base import VLModel
 
 # (image indices (P,), text indices (P,)) -> (P,) match scores, higher = better.
 PairScorer = Callable[[Tensor, Tensor], Tensor]
@@ -125,25 +124,23 @@ def exhaustive_scores(n_images: int, n_texts: int, pair_scores: PairScorer, batc
     return out.view(n_images, n_texts)
 
 
-def itm_pair_scorer(model: MVPTRModel, text_hidden: Tensor, text_mask: Tensor, region_hidden: Tensor,
-                    region_mask: Tensor, trim_padding: bool = True) -> PairScorer:
-    """`pair_scores` for an MVPTR model from cached uni-modal outputs: text_hidden (n_texts, L, H) and
-    text_mask (n_texts, L) from `encode_text`, region_hidden (n_images, R, H) and region_mask (n_images, R)
-    from `encode_image(...).regions`. The score is the ITM logit of "match" (class 1).
+def itm_pair_scorer(model: VLModel, enc: SplitEncoding, trim_padding: bool = True) -> PairScorer:
+    """`pair_scores` from a split's cached uni-modal outputs (`mvptr.evaluate.encode.SplitEncoding`, on the
+    model's device). The score is the ITM logit of "match" (class 1).
 
     trim_padding drops the positions that are padding in every pair of the batch before the cross-modal
-    encoder: masked positions do not change the others' outputs, so only the cost changes."""
+    layers: masked positions do not change the others' outputs, so only the cost changes."""
 
     def score(image_idx: Tensor, text_idx: Tensor) -> Tensor:
-        text_idx, image_idx = text_idx.to(text_hidden.device), image_idx.to(region_hidden.device)
-        texts, t_mask = text_hidden[text_idx], text_mask[text_idx]
-        regions, r_mask = region_hidden[image_idx], region_mask[image_idx]
+        text_idx, image_idx = text_idx.to(enc.text_hidden.device), image_idx.to(enc.region_hidden.device)
+        texts, t_mask = enc.text_hidden[text_idx], enc.text_mask[text_idx]
+        image = enc.images(image_idx)
         if trim_padding:
             keep = t_mask.bool().any(dim=0)
             keep[0] = True  # the pooler reads position 0
             texts, t_mask = texts[:, keep], t_mask[:, keep]
-            keep = r_mask.bool().any(dim=0)
-            regions, r_mask = regions[:, keep], r_mask[:, keep]
-        return itm_logits(model, model.cross(texts, t_mask, regions, r_mask))[:, 1]
+            keep = image.region_mask.any(dim=0)
+            image = image._replace(regions=image.regions[:, keep], region_mask=image.region_mask[:, keep])
+        return model.match_logits(model.fuse(texts, t_mask, image))[:, 1]
 
     return score

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mvptr.data.coco import DataError, dataset_paths, read_json
+from mvptr.data.coco import dataset_paths, read_json
+from mvptr.errors import DataError
 
 TASKS = ("retrieval", "vqa", "ve", "rec", "nlvr2")
 # Each task's training split and the splits it is evaluated on, in the task's own split names.

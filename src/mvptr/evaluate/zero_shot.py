@@ -1,11 +1,11 @@
-"""Zero-shot retrieval by VSC after pre-training: rank every (image, caption) pair of a split by the cosine of
-the uni-modal [CLS] projections, no fine-tuning, no re-ranking.
+"""Zero-shot retrieval after pre-training: rank every (image, caption) pair of a split by the cosine of the
+model's contrastive embeddings (VSC, ITC), no fine-tuning, no re-ranking.
 
 Why: the quickest check that stage two aligned the modalities; the issue asks for R@1 against chance.
 Chance R@K: text retrieval (image -> its captions among T texts) ~ 1 - C(T - c, K) / C(T, K) with c captions
 per image; image retrieval (text -> its image among I images) = K / I.
 
-Use: `metrics = zero_shot_retrieval(cfg, stage_paths, split="test")` (reads `final.safetensors` of the stage)
+Use: `metrics = zero_shot_retrieval(cfg, artifacts, weights, split="test")` (weights: a stage's safetensors)
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_model
 
-from mvptr.data.pairs import PairDataset, PairInputs
+from mvptr.artifacts import Artifacts
 from mvptr.evaluate.encode import encode_split
 from mvptr.evaluate.metrics import retrieval_recalls
+from mvptr.pairs import PairDataset, PairInputs
 
 
 def chance_recalls(text_to_image: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
@@ -34,14 +35,14 @@ def chance_recalls(text_to_image: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)
     return out
 
 
-def zero_shot_retrieval(cfg: Mapping[str, Any], paths: Any, split: str = "test",
-                        weights: Path | None = None) -> dict[str, Any]:
-    from mvptr.train.loop import FINAL_WEIGHTS, build_model
+def zero_shot_retrieval(cfg: Mapping[str, Any], paths: Artifacts, weights: Path,
+                        split: str = "test") -> dict[str, Any]:
+    from mvptr.models import build_model
 
     inputs = PairInputs.from_artifacts(cfg, paths.dataset, paths.concepts, paths.vocab)
     pairs = PairDataset(inputs, Path(paths.regions) / f"{split}.h5", split)
     model = build_model(cfg, inputs.vocab_size, pairs.store.feature_dim)
-    load_model(model, str(weights or Path(paths.ckpt_dir) / FINAL_WEIGHTS))
+    load_model(model, str(weights))
     enc = encode_split(model, pairs, torch.device("cpu"))
     return {"split": split, "images": len(enc.image_ids), "texts": len(enc.caption_ids),
             "recalls": retrieval_recalls(enc.similarity(), enc.text_to_image),

@@ -7,7 +7,7 @@ directory (pre-training) or starts again and computes the same numbers (fine-tun
 Ranks come from submitit's JobEnvironment inside the function. The function is named `module:function`, so
 that the job pickles without importing torch in the rule's process.
 
-Use: `launch(ConfigJob("mvptr.train.job:run_stage", cfg, 2, paths), name=..., folder=..., settings=...)`
+Use: `launch(ConfigJob("mvptr.jobs:run_stage", cfg, 2, paths), name=..., folder=..., settings=...)`
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ import submitit
 from submitit.core.utils import JobPaths
 
 from mvptr.atomic import atomic_write_json
-from mvptr.config import ConfigError
+from mvptr.errors import ConfigError
 
 T = TypeVar("T")
 

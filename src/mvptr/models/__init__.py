@@ -1,11 +1,44 @@
-"""Model definitions, one readable file per method, built from transformers' BERT modules.
+"""The table of methods: `method.name` -> its model class, one file per method in this package.
 
-Why: each method (MVPTR first; SIMLA and SemVLP later) keeps everything its forward pass needs in one file, so
-that a reader can follow it top to bottom, while attention, embeddings and prediction heads are reused from
-`transformers.models.bert` (with SDPA attention) instead of being written again. The losses that train
-these models live in `mvptr.tasks`, one file per objective.
+Why one explicit table: a method is picked by name from the config; the table names the module and class,
+imported when the model is built (no registry filled by import side effects, and `import mvptr.models` stays
+cheap). A method also has its layer `configs/methods/<name>.yaml` (its options and objectives) and an entry in
+the schema's `method_name` (tests/test_models.py checks that the three agree).
 
 Use:
-    from mvptr.models.mvptr import MVPTRConfig, MVPTRModel, load_pretrained_bert
-    model = MVPTRModel(MVPTRConfig.from_config(cfg, vocab_size=vocab["embedding_rows"], region_feature_dim=128))
+    model = build_model(cfg, vocab_size, region_feature_dim)      # a fresh model of cfg's method
+    cls = model_class("simla"); cls.from_pretrained(folder)
 """
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mvptr.models.base import VLModel
+
+# method.name -> "module:class"
+METHODS = {
+    "mvptr": "mvptr.models.mvptr:MVPTRModel",
+    "simla": "mvptr.models.simla:SIMLAModel",
+}
+
+
+def model_class(name: str) -> type[VLModel]:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; methods: {', '.join(METHODS)}")
+    module, cls = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_model(cfg: Mapping[str, Any], vocab_size: int, region_feature_dim: int) -> VLModel:
+    """A fresh model of `method.name`, identical on every rank (initialised from the config's seed)."""
+    import torch
+
+    cls = model_class(cfg["method"]["name"])
+    config = cls.config_class.from_project(cfg, vocab_size=vocab_size, region_feature_dim=region_feature_dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg["seed"])
+        return cls(config)

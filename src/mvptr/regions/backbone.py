@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from mvptr.atomic import atomic_write_bytes
-from mvptr.data.coco import DataError
+from mvptr.errors import DataError
 from mvptr.regions.boxes import NUM_BOX_VALUES
 
 CATEGORY_HEAD = "category"

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from pycocotools.coco import COCO
 
-from mvptr.config import ConfigError
+from mvptr.errors import ConfigError
 
 NUM_BOX_VALUES = 6
 
@@ -67,8 +67,7 @@ class TorchvisionDetector:
 
     def __init__(self, max_regions: int, score_threshold: float = 0.2, device: str = "cpu") -> None:
         try:
-            from torchvision.models.detection import (FasterRCNN_ResNet50_FPN_V2_Weights,
-                                                      fasterrcnn_resnet50_fpn_v2)
+            from torchvision.models.detection import FasterRCNN_ResNet50_FPN_V2_Weights, fasterrcnn_resnet50_fpn_v2
             from torchvision.transforms.functional import to_tensor
         except ImportError as err:
             raise ConfigError("config key 'regions.boxes': 'detector' needs torchvision, an optional extra; "

@@ -37,12 +37,21 @@ import torch
 from PIL import Image
 
 from mvptr.atomic import atomic_write_json
-from mvptr.config import ConfigError, config_hash, dataset_keys
-from mvptr.data.coco import CocoFormatDataset, DataError, open_prepared
-from mvptr.regions.backbone import (CATEGORY_HEAD, IGNORE, CropSet, RegionBackbone, crop, predict, save_backbone,
-                                    train_backbone)
-from mvptr.regions.boxes import NUM_BOX_VALUES, RegionBox, TorchvisionDetector, box_values, category_names, gold_boxes
+from mvptr.config import config_hash, dataset_keys
+from mvptr.data.coco import CocoFormatDataset, open_prepared
+from mvptr.errors import ConfigError, DataError
 from mvptr.progress import Progress
+from mvptr.regions.backbone import (
+    CATEGORY_HEAD,
+    IGNORE,
+    CropSet,
+    RegionBackbone,
+    crop,
+    predict,
+    save_backbone,
+    train_backbone,
+)
+from mvptr.regions.boxes import NUM_BOX_VALUES, RegionBox, TorchvisionDetector, box_values, category_names, gold_boxes
 from mvptr.regions.store import Regions, RegionStoreWriter
 
 BACKBONE_FILE = "backbone.safetensors"

@@ -33,7 +33,7 @@ from typing import IO, Any
 import numpy as np
 
 from mvptr.atomic import atomic_write_bytes
-from mvptr.data.coco import DataError
+from mvptr.errors import DataError
 from mvptr.regions.boxes import NUM_BOX_VALUES
 from mvptr.regions.store import Regions, RegionStoreWriter
 

@@ -8,8 +8,9 @@ The stage runs as a submitit job (`launch.cluster`: local, slurm or debug), whos
 resumes from it. Only when the job succeeds are the outputs written, each atomically, into --out (and the
 checkpoint directory removed, so that a forced rerun trains anew):
     model.safetensors   the stage's weights
-    metrics.json        tasks, steps, final losses, loss history, seconds (stage two: zero-shot retrieval)
-    loss_curves.png     every task's loss against the step
+    metrics.json        method, objectives, steps, final losses, loss history, seconds (stage two: zero-shot
+                        retrieval)
+    loss_curves.png     every objective's loss against the step
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
+from mvptr.artifacts import add_artifact_arguments, artifact_paths
 from mvptr.atomic import atomic_write_bytes, atomic_write_json
 from mvptr.config import add_config_arguments, config_from_args
 
@@ -30,11 +32,10 @@ def cmd_stage(args: argparse.Namespace) -> None:
     from mvptr.train.loop import FINAL_WEIGHTS, StagePaths
 
     cfg = config_from_args(args)
-    paths = StagePaths(dataset=args.dataset.resolve(), concepts=args.concepts.resolve(), vocab=args.vocab.resolve(),
-                       regions=args.regions.resolve(), ckpt_dir=args.ckpt_dir.resolve(),
+    paths = StagePaths(**artifact_paths(args), ckpt_dir=args.ckpt_dir.resolve(),
                        init_weights=args.init_weights.resolve() if args.init_weights else None)
     settings = LaunchSettings.from_config(cfg["launch"])
-    result = launch(ConfigJob("mvptr.train.job:run_stage", cfg, args.stage, paths),
+    result = launch(ConfigJob("mvptr.jobs:run_stage", cfg, args.stage, paths),
                     name=f"pretrain_stage{args.stage}", folder=args.job_dir, settings=settings)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -46,7 +47,7 @@ def cmd_stage(args: argparse.Namespace) -> None:
     # The outputs are the stage's record now. Its checkpoint goes, so that a forced rerun of the rule trains
     # again instead of resuming a finished run (a job killed before this line still resumes from it).
     shutil.rmtree(paths.ckpt_dir)
-    summary = {k: result[k] for k in ("stage", "tasks", "steps", "seconds")}
+    summary = {k: result[k] for k in ("stage", "method", "objectives", "steps", "seconds")}
     if "zero_shot" in result:
         summary["zero_shot_r_at_1"] = {k: round(v, 2) for k, v in result["zero_shot"]["recalls"].items()
                                        if "_r_at_1" in k}
@@ -57,12 +58,9 @@ def register(groups: argparse._SubParsersAction) -> None:
     pretrain = groups.add_parser("pretrain", help="pre-training stages").add_subparsers(dest="cmd", required=True)
     stage = pretrain.add_parser("stage", help="run one pre-training stage through submitit")
     stage.add_argument("--stage", type=int, choices=(1, 2), required=True)
-    for name, what in (("dataset", "prepared dataset folder"), ("concepts", "concepts.json"),
-                       ("vocab", "concept_vocab.json"), ("regions", "folder of the region stores")):
-        stage.add_argument(f"--{name}", type=Path, required=True, help=what)
+    add_artifact_arguments(stage)
     stage.add_argument("--init-weights", type=Path, default=None, help="stage two: the stage-one model.safetensors")
     stage.add_argument("--ckpt-dir", type=Path, required=True, help="resumable training state (kept across reruns)")
-    stage.add_argument("--job-dir", type=Path, required=True, help="submitit folder and job id (beside the log)")
     stage.add_argument("--out", type=Path, required=True, help="folder of model.safetensors, metrics.json, png")
     add_config_arguments(stage)
     stage.set_defaults(func=cmd_stage)

@@ -1,17 +1,14 @@
-"""Ranks and devices of a training process, and the order in which it reads the data.
+"""Ranks and devices of a training process.
 
 Why: the same loop runs as one CPU process (the demo, the tests), as 2 gloo processes (the DDP test on this
 2-core machine) and as N NCCL processes on GPUs started by submitit (`TorchDistributedEnvironment`), never
 torchrun. A job started by submitit with several tasks exports MASTER_ADDR/RANK/WORLD_SIZE from its
 JobEnvironment; a process started otherwise with those variables set (a test) joins the same way.
 
-The batch order is a pure function of (seed, step): epoch e shuffles the pairs with a generator seeded by
-(seed, e), global batch b is the next `batch_size` indices, and rank r takes every world-th of them. A run
-resumed at step s therefore reads exactly the batches a straight run reads, on any number of ranks.
+Which examples a rank reads at a step is `mvptr.data.order.batch_indices`.
 
 Use:
     env = setup_distributed()          # Env(rank, world_size, local_rank, device)
-    indices = batch_indices(n, batch_size, step, seed, env.rank, env.world_size)
     teardown_distributed()
 """
 
@@ -103,17 +100,3 @@ def teardown_distributed() -> None:
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
-
-
-def batch_indices(num_items: int, batch_size: int, step: int, seed: int, rank: int = 0,
-                  world_size: int = 1) -> list[int]:
-    """This rank's share of global batch `step` (epochs of `num_items // batch_size` full batches)."""
-    if batch_size % world_size:
-        raise ValueError(f"batch_size {batch_size} does not divide among {world_size} ranks")
-    per_epoch = num_items // batch_size
-    if per_epoch == 0:
-        raise ValueError(f"batch_size {batch_size} is larger than the {num_items} training pairs")
-    epoch, within = divmod(step, per_epoch)
-    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    batch = order[within * batch_size:(within + 1) * batch_size]
-    return batch[rank::world_size].tolist()

@@ -1,9 +1,11 @@
 """The pre-training loop of one stage: resumable, deterministic on CPU, distributed with DDP.
 
-Why: both MVPTR stages (and the joint ablation) are the same loop over different task lists
-(`mvptr.train.objectives`). It resumes from the stage's checkpoint directory wherever it was stopped
+Why: both stages of every method (and the joint schedule) are the same loop over different objective lists
+(`mvptr.objectives.step`); the model is the method's (`mvptr.models.build_model`), seen only through the
+interface of `mvptr.models.base`. It resumes from the stage's checkpoint directory wherever it was stopped
 (SIGKILL, preemption, timeout) and then computes exactly what a straight run computes: the data position
-is a function of the step (`batch_indices`), and every random state is checkpointed. bf16 autocast on CUDA,
+is a function of the step (`batch_indices`), and every random state is checkpointed, as is the whole step
+module (model, momentum model, objectives' queues and pointers). bf16 autocast on CUDA,
 fp32 on CPU. Rank 0 logs every task's loss, the learning rate and samples/s to MLflow every `log_every`
 steps and, with an ETA, to the job's log.
 
@@ -33,14 +35,17 @@ from safetensors.torch import load_model, save_model
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from mvptr.artifacts import Artifacts
 from mvptr.atomic import atomic_write_json
-from mvptr.data.pairs import Artifacts, PairDataset, PairInputs, collate
-from mvptr.models.mvptr import MVPTRConfig, MVPTRModel, load_pretrained_bert
+from mvptr.data.order import batch_indices
+from mvptr.models import build_model
+from mvptr.models.base import VLModel
+from mvptr.objectives.step import PretrainStep, momentum_options
+from mvptr.pairs import PairDataset, PairInputs, collate
 from mvptr.train.checkpoint import load_state, save_state
-from mvptr.train.distributed import Env, batch_indices, setup_distributed, teardown_distributed
-from mvptr.train.objectives import PretrainStep
-from mvptr.train.stages import stage_tasks
+from mvptr.train.distributed import Env, setup_distributed, teardown_distributed
 from mvptr.train.optim import build_optimizer
+from mvptr.train.stages import stage_objectives
 
 Log = Callable[[str], None]
 FINAL_WEIGHTS = "final.safetensors"
@@ -55,14 +60,7 @@ class StagePaths(Artifacts):
     init_weights: Path | None = None  # stage two: the stage-one weights
 
 
-def build_model(cfg: Mapping[str, Any], vocab_size: int, region_feature_dim: int) -> MVPTRModel:
-    """A fresh model, identical on every rank (initialised from the config's seed)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg["seed"])
-        return MVPTRModel(MVPTRConfig.from_config(cfg, vocab_size=vocab_size, region_feature_dim=region_feature_dim))
-
-
-def initialise(model: MVPTRModel, cfg: Mapping[str, Any], stage: int, init_weights: Path | None, log: Log) -> None:
+def initialise(model: VLModel, cfg: Mapping[str, Any], stage: int, init_weights: Path | None, log: Log) -> None:
     """Stage two starts from the stage-one weights; stage one from scratch or a BERT checkpoint."""
     if stage == 2:
         if init_weights is None:
@@ -76,7 +74,7 @@ def initialise(model: MVPTRModel, cfg: Mapping[str, Any], stage: int, init_weigh
         from mvptr.text import tokenizer_path
 
         init = str(tokenizer_path("minilm"))
-    report = load_pretrained_bert(model, init)
+    report = model.load_pretrained_bert(init)
     log(f"initialised from {init}: {len(report['loaded'])} tensors loaded, {len(report['missing'])} kept")
 
 
@@ -153,15 +151,16 @@ def train_stage(cfg: Mapping[str, Any], stage: int, paths: StagePaths, *, log: L
     model = build_model(cfg, inputs.vocab_size, pairs.store.feature_dim)
     initialise(model, cfg, stage, paths.init_weights, log)
     model.to(env.device)
-    tasks = stage_tasks(cfg, stage)
-    total_steps = scfg["steps"] if tasks else 0
+    objectives = stage_objectives(cfg, stage)
+    total_steps = scfg["steps"] if objectives else 0
     started = time.monotonic()
-    result: dict[str, Any] = {"stage": stage, "tasks": tasks, "steps": total_steps, "world_size": env.world_size,
-                              "train_pairs": len(pairs), "history": []}
+    result: dict[str, Any] = {"stage": stage, "method": cfg["method"]["name"], "objectives": objectives,
+                              "steps": total_steps, "world_size": env.world_size, "train_pairs": len(pairs),
+                              "history": []}
     if total_steps == 0:
-        log(f"stage {stage}: no task to train (schedule {pcfg['schedule']}); saving the initialised model")
+        log(f"stage {stage}: no objective to train (schedule {pcfg['schedule']}); saving the initialised model")
     else:
-        result.update(_train(cfg, stage, model, tasks, pairs, env, ckpt_dir, log, stop_after))
+        result.update(_train(cfg, stage, model, objectives, pairs, env, ckpt_dir, log, stop_after))
     result["seconds"] = round(time.monotonic() - started, 1)
     if env.is_main and result.get("completed", total_steps == 0):
         tmp = ckpt_dir / (FINAL_WEIGHTS + ".tmp")
@@ -179,7 +178,12 @@ def distribute(step_module: PretrainStep, env: Env) -> torch.nn.Module:
     return DistributedDataParallel(step_module, find_unused_parameters=True)
 
 
-def _train(cfg: Mapping[str, Any], stage: int, model: MVPTRModel, tasks: list[str], pairs: PairDataset, env: Env,
+def unwrap(step_module: torch.nn.Module) -> PretrainStep:
+    """The PretrainStep inside a DistributedDataParallel wrapper (or the module itself)."""
+    return step_module.module if isinstance(step_module, DistributedDataParallel) else step_module
+
+
+def _train(cfg: Mapping[str, Any], stage: int, model: VLModel, objectives: list[str], pairs: PairDataset, env: Env,
            ckpt_dir: Path, log: Log, stop_after: int | None) -> dict[str, Any]:
     pcfg, scfg = cfg["pretrain"], cfg["pretrain"][f"stage{stage}"]
     # Dropout draws from the global generator, the objectives' masking and sampling from their own: both are
@@ -187,12 +191,13 @@ def _train(cfg: Mapping[str, Any], stage: int, model: MVPTRModel, tasks: list[st
     seed = cfg["seed"] * 1000 + 17 * stage + env.rank
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    step_module = distribute(PretrainStep(model, tasks, pcfg["tasks"], generator), env)
+    step = PretrainStep(model, objectives, pcfg["objectives"], generator, **momentum_options(cfg))
+    step_module = distribute(step, env)
     optimizer, scheduler = build_optimizer(model, scfg)
     state = load_state(ckpt_dir, 0)
     start, history = 0, []
     if state is not None:
-        model.load_state_dict(state["model"])
+        step.load_state_dict(state["step_module"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, history = state["step"], state["history"]
@@ -218,14 +223,14 @@ def _train(cfg: Mapping[str, Any], stage: int, model: MVPTRModel, tasks: list[st
     window: list[dict[str, float]] = []
     tick, tick_step = time.monotonic(), start
     use_bf16 = env.device.type == "cuda"
-    for step in range(start, end):
+    for index in range(start, end):
         step_module.train()
         for k in range(accum):
             batch = {key: value.to(env.device, non_blocking=True) for key, value in next(batches).items()}
             sync = k == accum - 1 or env.world_size == 1
             context = step_module.no_sync() if not sync else contextlib.nullcontext()
             with context, torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss, logs = step_module(batch)
+                loss, logs = step_module(batch, step=index)
                 (loss / accum).backward()
             window.append({k2: float(v) for k2, v in logs.items()})
         if pcfg["grad_clip"] > 0:
@@ -233,7 +238,8 @@ def _train(cfg: Mapping[str, Any], stage: int, model: MVPTRModel, tasks: list[st
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        done = step + 1
+        step.after_step()
+        done = index + 1
         if done % pcfg["log_every"] == 0 or done == steps:
             now = time.monotonic()
             rate = (done - tick_step) * scfg["batch_size"] / max(now - tick, 1e-9)
@@ -247,7 +253,7 @@ def _train(cfg: Mapping[str, Any], stage: int, model: MVPTRModel, tasks: list[st
         if done % pcfg["checkpoint_every"] == 0 or done == end:
             rng = _gather(_rng_state(generator), env)
             if env.is_main:
-                save_state(ckpt_dir, 0, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                save_state(ckpt_dir, 0, {"step_module": step.state_dict(), "optimizer": optimizer.state_dict(),
                                          "scheduler": scheduler.state_dict(), "step": done, "history": history,
                                          "rng": rng, "mlflow_run_id": tracker.run_id or ""})
             if env.world_size > 1:

@@ -1,7 +1,9 @@
-"""Tests of mvptr.tasks: BERT-style masking, and MVPTR's five objectives (MCR, VSC, ITM, MLM, WPG) on a tiny
+"""Tests of mvptr.objectives: BERT-style masking, and MVPTR's five objectives (MCR, VSC, ITM, MLM, WPG) on a tiny
 model (hidden 32, one layer per stack) and on small hand-built tensors whose right answer was computed by hand.
 
-Run: `.venv/bin/pytest tests/test_tasks.py` (a few seconds; one test starts two gloo processes).
+Also: every objective module is a plug-in (`OBJECTIVE`, options schema, head) and the names derived from them.
+
+Run: `.venv/bin/pytest tests/test_objectives.py` (a few seconds; one test starts two gloo processes).
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import pytest
 import torch
 
 from mvptr.models.mvptr import MVPTRConfig, MVPTRModel
-from mvptr.tasks import PairEncoding, allowed_negatives, pick_negatives
-from mvptr.tasks.itm import itm_loss, negative_pairs
-from mvptr.tasks.masking import IGNORE_INDEX, mask_linked_concepts, mask_tokens, maskable
-from mvptr.tasks.mcr import mcr_loss
-from mvptr.tasks.mlm import mask_caption, mlm_loss
-from mvptr.tasks.vsc import info_nce, vsc_loss
-from mvptr.tasks.wpg import grounding_hinge, grounding_scores, phrase_positions, wpg_loss
+from mvptr.objectives import PairEncoding
+from mvptr.objectives.itm import itm_loss, negative_pairs
+from mvptr.objectives.masking import IGNORE_INDEX, mask_linked_concepts, mask_tokens, maskable
+from mvptr.objectives.mcr import mcr_loss
+from mvptr.objectives.mlm import mask_caption, mlm_loss
+from mvptr.objectives.sampling import allowed_negatives, pick_negatives
+from mvptr.objectives.vsc import info_nce, vsc_loss
+from mvptr.objectives.wpg import grounding_hinge, grounding_scores, phrase_positions, wpg_loss
 
 torch.set_num_threads(1)
 
@@ -35,7 +38,7 @@ def tiny_model() -> MVPTRModel:
     torch.manual_seed(0)
     return MVPTRModel(MVPTRConfig(vocab_size=120, region_feature_dim=8, hidden_size=32, num_text_layers=1,
                                   num_visual_layers=1, num_cross_layers=1, num_attention_heads=2,
-                                  intermediate_size=64, dropout=0.0))
+                                  intermediate_size=64, dropout=0.0, objectives=["mcr", "vsc", "itm", "mlm", "wpg"]))
 
 
 def tiny_batch(size: int = 4) -> dict[str, torch.Tensor]:
@@ -113,14 +116,14 @@ def test_mcr_recovers_tags_from_the_visual_encoder_only(monkeypatch: pytest.Monk
     model, batch = tiny_model(), tiny_batch()
     seen = []
     encode_image = model.encode_image
-    monkeypatch.setattr(model, "encode_image", lambda tags, *rest: seen.append(tags) or encode_image(tags, *rest))
+    monkeypatch.setattr(model, "encode_image", lambda images: seen.append(images["tag_ids"]) or encode_image(images))
     loss, logs = mcr_loss(model, batch, mask_prob=1.0, generator=torch.Generator().manual_seed(0))
     loss.backward()
     assert loss.dim() == 0 and "mcr_text" not in logs
     special = torch.isin(batch["tag_ids"], torch.tensor(SPECIAL))
     assert torch.equal(seen[0][special], batch["tag_ids"][special]) and (seen[0][~special] == MASK).any()
-    assert_gradients(model, ("embeddings.", "visual_encoder.", "region_embeddings.", "lm_head."),
-                     unused=("text_encoder.", "cross_encoder.", "pooler.", "itm_head."))
+    assert_gradients(model, ("embeddings.", "visual_encoder.", "region_embeddings.", "heads.lm."),
+                     unused=("text_encoder.", "cross_encoder.", "heads.pooler.", "heads.itm."))
 
 
 def test_mcr_text_option_also_recovers_concepts_from_the_text_encoder():
@@ -128,7 +131,7 @@ def test_mcr_text_option_also_recovers_concepts_from_the_text_encoder():
     loss, logs = mcr_loss(model, batch, text=True, mask_prob=1.0, generator=torch.Generator().manual_seed(0))
     loss.backward()
     assert loss.item() == pytest.approx((logs["mcr_visual"] + logs["mcr_text"]).item())
-    assert_gradients(model, ("text_encoder.", "visual_encoder.", "lm_head."), unused=("cross_encoder.",))
+    assert_gradients(model, ("text_encoder.", "visual_encoder.", "heads.lm."), unused=("cross_encoder.",))
 
 
 # --- VSC -------------------------------------------------------------------------------------------------------
@@ -147,17 +150,17 @@ def test_vsc_loss_equals_the_hand_value():
 def test_vsc_gradients_and_temperature_clamp():
     model, batch = tiny_model(), tiny_batch()
     with torch.no_grad():
-        model.temperature.fill_(5.0)
+        model.heads["contrastive"].temperature.fill_(5.0)
     loss, logs = vsc_loss(model, batch)
     loss.backward()
     assert logs["temperature"].item() == pytest.approx(0.5)
-    assert_gradients(model, UNIMODAL + ("text_proj.", "visual_proj.", "temperature"),
-                     unused=("cross_encoder.", "pooler.", "itm_head.", "lm_head."))
+    assert_gradients(model, UNIMODAL + ("heads.contrastive.",),
+                     unused=("cross_encoder.", "heads.pooler.", "heads.itm.", "heads.lm."))
 
 
 _GATHER_WORKER = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
-    from mvptr.tasks.vsc import info_nce
+    from mvptr.objectives.vsc import info_nce
     from mvptr.train.distributed import teardown_distributed
     rank, folder = int(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
@@ -221,7 +224,7 @@ def test_duplicates_are_never_negatives(batch: dict):
     scores = torch.tensor([[0.5, 0.9, 0.2], [0.9, 0.5, 0.3], [0.1, 0.4, 0.5]])
     choice, _ = pick_negatives(scores, allowed_negatives(batch))
     assert choice[:2].tolist() == [2, 2]
-    quirk, _ = pick_negatives(scores, allowed_negatives(batch, released_quirk=True))
+    quirk, _ = pick_negatives(scores, allowed_negatives(batch, allow_duplicates=True))
     assert quirk[:2].tolist() == [1, 0]  # the released code takes the duplicate
 
 
@@ -259,11 +262,11 @@ def test_itm_loss_gradients_and_no_negative_without_a_true_negative():
     loss, logs = itm_loss(model, batch, generator=torch.Generator().manual_seed(0))
     loss.backward()
     assert logs["itm_negatives"].item() == 4
-    assert_gradients(model, UNIMODAL + ("cross_encoder.", "pooler.", "itm_head."),
-                     unused=("text_proj.", "visual_proj.", "lm_head."))
+    assert_gradients(model, UNIMODAL + ("cross_encoder.", "heads.pooler.", "heads.itm."),
+                     unused=("heads.contrastive.", "heads.lm."))
     same_image = {**batch, "image_ids": torch.zeros(4, dtype=torch.long)}
     assert itm_loss(model, same_image)[1]["itm_negatives"].item() == 0
-    assert itm_loss(model, same_image, released_quirk=True)[1]["itm_negatives"].item() == 4
+    assert itm_loss(model, same_image, allow_duplicates=True)[1]["itm_negatives"].item() == 4
 
 
 # --- MLM -------------------------------------------------------------------------------------------------------
@@ -274,7 +277,7 @@ def test_mlm_gradients():
     encoded = PairEncoding(model, batch)
     loss, _ = mlm_loss(model, batch, encoded, mask_prob=0.5, generator=torch.Generator().manual_seed(0))
     loss.backward()
-    assert_gradients(model, UNIMODAL + ("cross_encoder.", "lm_head."), unused=("pooler.", "itm_head."))
+    assert_gradients(model, UNIMODAL + ("cross_encoder.", "heads.lm."), unused=("heads.pooler.", "heads.itm."))
 
 
 def test_mlm_masks_words_only_and_their_concepts():
@@ -352,6 +355,58 @@ def test_wpg_gradients_and_partners_are_true_negatives():
     loss, _ = wpg_loss(model, batch, encoded, margin=10.0, generator=torch.Generator().manual_seed(0))
     loss.backward()
     assert loss.item() > 9.0
-    assert_gradients(model, UNIMODAL + ("cross_encoder.",), unused=("pooler.", "itm_head.", "lm_head."))
+    assert_gradients(model, UNIMODAL + ("cross_encoder.",), unused=("heads.pooler.", "heads.itm.", "heads.lm."))
     same_image = {**batch, "image_ids": torch.zeros(4, dtype=torch.long)}
     assert wpg_loss(model, same_image, margin=10.0)[0].item() == 0.0  # no allowed partner, no hinge
+
+
+# --- objectives as plug-ins ------------------------------------------------------------------------------------
+
+
+def test_every_objective_module_is_a_plug_in():
+    import jsonschema
+
+    from mvptr.objectives import Objective, available_objectives, load_objective, options_schema
+
+    names = available_objectives()
+    assert {"mcr", "vsc", "itm", "mlm", "wpg", "itc", "xmm", "psl"} <= set(names)
+    for name in names:
+        cls = load_objective(name)
+        assert issubclass(cls, Objective) and cls.name == name and cls.stage in (1, 2)
+        jsonschema.Draft202012Validator.check_schema(options_schema(name))
+    with pytest.raises(ValueError, match="unknown objective 'nope'"):
+        load_objective("nope")
+
+
+@pytest.mark.parametrize("method", ["mvptr", "simla"])
+def test_a_methods_objectives_and_options_come_from_its_config(method: str):
+    from mvptr.config import load_config
+    from mvptr.models import model_class
+
+    cfg = load_config([f"method.name={method}"])
+    names = list(cfg["pretrain"]["objectives"])
+    expected = {"mvptr": ["mcr", "vsc", "itm", "mlm", "wpg"], "simla": ["itc", "itm", "mlm", "xmm", "psl"]}
+    assert names == expected[method]
+    assert model_class(method).__name__ == {"mvptr": "MVPTRModel", "simla": "SIMLAModel"}[method]
+
+
+def test_an_objective_option_is_validated_by_its_modules_schema():
+    from mvptr.config import load_config
+    from mvptr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"pretrain\.objectives\.psl\.votes_per_head': 0 is not allowed"):
+        load_config(["method.name=simla", "pretrain.objectives.psl.votes_per_head=0"])
+    with pytest.raises(ConfigError, match=r"unknown config key pretrain\.objectives\.itm\.colour"):
+        load_config(["pretrain.objectives.itm.colour=red"])
+    # Adding SIMLA's XMM to MVPTR asks for all of its options, named.
+    with pytest.raises(ConfigError, match=r"config key 'pretrain\.objectives\.xmm\.mask_prob' is missing"):
+        load_config(["pretrain.objectives.xmm.weight=1"])
+
+
+def test_the_method_table_the_schema_and_the_method_files_agree():
+    from mvptr.config import project_root, read_yaml, schema_path
+    from mvptr.models import METHODS
+
+    schema = read_yaml(schema_path())
+    files = sorted(p.stem for p in (project_root() / "configs" / "methods").glob("*.yaml"))
+    assert sorted(METHODS) == sorted(schema["$defs"]["method_name"]["enum"]) == files

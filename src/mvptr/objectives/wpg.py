@@ -14,11 +14,14 @@ Choices, documented here because the paper leaves them open:
   caption's phrases); a caption with no concept uses its word positions instead.
 - P_i and R_j both come from the cross-modal output of their own matched pair (text i with image i, text j
   with image j), so WPG costs no extra forward pass.
-- j is drawn uniformly among the pairs that do not share image i or caption i (`mvptr.tasks.allowed_negatives`;
-  `released_quirk=True` only excludes i itself); a sample with no such j, no phrase or no region is skipped.
+- j is drawn uniformly among the pairs that do not share image i or caption i
+  (`mvptr.objectives.sampling.allowed_negatives`; `allow_duplicates=True` only excludes i itself, as the
+  released code); a sample with no such j, no phrase or no region is skipped.
+
+Options (`pretrain.objectives.wpg`): weight, margin, topk, allow_duplicates.
 
 Batch keys: input_ids, attention_mask, concept_mask, region_mask, image_ids (+ caption_ids), and the model
-inputs of `mvptr.tasks.PairEncoding` when `encoded` is not given.
+inputs of `mvptr.objectives.PairEncoding` when `encoded` is not given.
 
 Use: `loss, logs = wpg_loss(model, batch, encoded, generator=g)`
 """
@@ -31,17 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mvptr.tasks import Batch, Logs, PairEncoding, allowed_negatives, pick_negatives, uniform
-from mvptr.tasks.masking import maskable
+from mvptr.objectives import Batch, Logs, Objective, PairEncoding, StepContext
+from mvptr.objectives.masking import maskable
+from mvptr.objectives.sampling import allowed_negatives, pick_negatives, uniform
 
 if TYPE_CHECKING:
-    from mvptr.models.mvptr import MVPTRConfig, MVPTRModel
+    from mvptr.models.base import VLConfig, VLModel
 
 # Below every cosine (>= -1): padded regions rank last without infinities (which would make NaN at 0 weight).
 _NO_REGION = -2.0
 
 
-def phrase_positions(batch: Batch, config: MVPTRConfig) -> Tensor:
+def phrase_positions(batch: Batch, config: VLConfig) -> Tensor:
     """(B, L) bool: the textual-concept positions, or the word positions for a caption without concepts."""
     real = maskable(batch["input_ids"], batch["attention_mask"], config.special_token_ids)
     concepts = real & batch["concept_mask"].bool()
@@ -71,22 +75,39 @@ def grounding_hinge(phrases: Tensor, phrase_mask: Tensor, regions: Tensor, regio
     return F.relu(margin + negative - positive)
 
 
-def wpg_loss(model: MVPTRModel, batch: Batch, encoded: PairEncoding | None = None, *, margin: float = 0.2,
-             topk: int = 3, released_quirk: bool = False,
+def wpg_loss(model: VLModel, batch: Batch, encoded: PairEncoding | None = None, *, margin: float = 0.2,
+             topk: int = 3, allow_duplicates: bool = False,
              generator: torch.Generator | None = None) -> tuple[Tensor, Logs]:
     """Mean hinge over the samples that have phrases, regions and an allowed partner."""
     if encoded is None:
         encoded = PairEncoding(model, batch)
-    joint = F.normalize(encoded.cross.float(), dim=-1)
-    text_length = batch["input_ids"].shape[1]
-    phrases, regions = joint[:, :text_length], joint[:, text_length:]
+    phrases = F.normalize(encoded.fused.text.float(), dim=-1)
+    regions = F.normalize(encoded.fused.regions.float(), dim=-1)
     phrase_mask = phrase_positions(batch, model.config)
     region_mask = batch["region_mask"].bool()
-    allowed = allowed_negatives(batch, released_quirk) & region_mask.any(dim=1)[None, :]
-    partner, valid = pick_negatives(joint.new_zeros(allowed.shape), allowed, "random", generator)
+    allowed = allowed_negatives(batch, allow_duplicates) & region_mask.any(dim=1)[None, :]
+    partner, valid = pick_negatives(phrases.new_zeros(allowed.shape), allowed, "random", generator)
     valid = valid & phrase_mask.any(dim=1) & region_mask.any(dim=1)
     hinge = grounding_hinge(phrases, phrase_mask, regions, region_mask, partner, margin=margin, topk=topk,
                             generator=generator)
     weights = valid.float()
     loss = (hinge * weights).sum() / weights.sum().clamp(min=1.0)
     return loss, {"wpg": loss.detach()}
+
+
+class WPG(Objective):
+    name = "wpg"
+    options_schema = {
+        "margin": {"type": "number", "minimum": 0, "description": "hinge margin (METHODS.md: 0.2)"},
+        "topk": {"type": "integer", "minimum": 1, "description": "top-k regions a phrase picks from (3)"},
+        "allow_duplicates": {"type": "boolean", "description": "a partner may share the image or caption "
+                                                               "(only i itself excluded, the released code)"},
+    }
+
+    def forward(self, model: VLModel, batch: Batch, encoded: PairEncoding | None,
+                ctx: StepContext) -> tuple[Tensor, Logs]:
+        return wpg_loss(model, batch, encoded, margin=self.options["margin"], topk=self.options["topk"],
+                        allow_duplicates=self.options["allow_duplicates"], generator=ctx.generator)
+
+
+OBJECTIVE = WPG

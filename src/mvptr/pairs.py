@@ -1,6 +1,6 @@
 """Image-caption pairs as model tensors: MVPTR's multi-level inputs for pre-training and evaluation.
 
-Why: every objective (`mvptr.tasks`) reads one batch layout (documented there). This module builds it from
+Why: every objective (`mvptr.objectives`) reads one batch layout (documented there). This module builds it from
 the workflow's artifacts, once, in one place: the prepared dataset (captions, splits), the parsed concepts
 (`mvptr concepts extract`), the concept vocabulary (`mvptr concepts vocab`) and the region stores
 (`mvptr regions extract`).
@@ -9,7 +9,8 @@ the workflow's artifacts, once, in one place: the prepared dataset (captions, sp
            a concept is linked to the word pieces whose characters overlap the words it was parsed from
            (`concept_links`), so that masking a word also masks its concepts
     image  [CLS] tag word pieces [SEP] (<= max_tags slots; the regions' object tags in store order, each
-           as its word pieces) and the regions (features + 6 box values, <= max_regions)
+           as its word pieces) and the regions (features + 6 box values, <= max_regions), each with its own
+           tag as one word piece (`region_tags`, the first piece of the tag's name: SIMLA's XMM target)
 
 Captions are tokenised once when the dataset is built; regions are read from the store per item (an O(1)
 lookup). Batches are padded to their longest member.
@@ -35,17 +36,6 @@ from torch.utils.data import Dataset
 from mvptr.concepts.parser import SceneGraph
 from mvptr.concepts.vocab import concept_ids
 from mvptr.regions.store import RegionStore
-
-
-@dataclass(frozen=True)
-class Artifacts:
-    """The workflow's artifacts that pre-training and fine-tuning read (the outputs of the data, concept and
-    region rules)."""
-
-    dataset: Path  # prepared dataset folder
-    concepts: Path  # concepts.json
-    vocab: Path  # concept_vocab.json
-    regions: Path  # folder of {split}.h5
 
 
 @dataclass(frozen=True)
@@ -96,13 +86,19 @@ class TagEncoder:
 
     def __init__(self, tokenizer: Any, tag_vocab: Sequence[str], max_tags: int) -> None:
         self.cls, self.sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-        self.pieces = [tokenizer(name, add_special_tokens=False)["input_ids"] for name in tag_vocab]
+        # A name the tokenizer turns into nothing (a lone space, say) is [UNK].
+        self.pieces = [tokenizer(name, add_special_tokens=False)["input_ids"] or [tokenizer.unk_token_id]
+                       for name in tag_vocab]
         self.max_tags = max_tags
 
     def encode(self, tags: np.ndarray) -> np.ndarray:
         budget = max(0, self.max_tags - 2)
         ids = [piece for tag in tags.tolist() for piece in self.pieces[tag]][:budget]
         return np.asarray([self.cls, *ids, self.sep], dtype=np.int64)
+
+    def first_pieces(self, tags: np.ndarray) -> np.ndarray:
+        """(R,) each region's tag as one word piece: the first piece of its name."""
+        return np.asarray([self.pieces[tag][0] for tag in tags.tolist()], dtype=np.int64)
 
 
 @dataclass
@@ -160,6 +156,7 @@ class PairDataset(Dataset):
         regions = self.store.get(image_id)
         keep = self.inputs.max_regions
         return {"image_id": image_id, "tag_ids": self.tags.encode(regions.tags[:keep]),
+                "region_tags": self.tags.first_pieces(regions.tags[:keep]),
                 "region_feats": np.asarray(regions.features[:keep]),
                 "region_boxes": np.asarray(regions.boxes[:keep], dtype=np.float32)}
 
@@ -210,10 +207,11 @@ def collate_image(items: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
         region_mask[i, len(it["region_feats"]):] = 0
     boxes = [b if len(b) else np.zeros((1, 6), np.float32) for b in (it["region_boxes"] for it in items)]
     region_boxes, _ = _pad(boxes)
+    region_tags, _ = _pad([t if len(t) else np.zeros(1, np.int64) for t in (it["region_tags"] for it in items)])
     return {"tag_ids": tag_ids, "tag_mask": tag_mask, "region_feats": region_feats, "region_boxes": region_boxes,
-            "region_mask": region_mask, "image_ids": torch.tensor([it["image_id"] for it in items], dtype=torch.long)}
+            "region_mask": region_mask, "region_tags": region_tags, "image_ids": torch.tensor([it["image_id"] for it in items], dtype=torch.long)}
 
 
 def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
-    """Items of PairDataset -> the batch layout of `mvptr.tasks`."""
+    """Items of PairDataset -> the batch layout of `mvptr.objectives`."""
     return {**collate_text(items), **collate_image(items)}

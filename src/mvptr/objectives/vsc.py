@@ -2,8 +2,9 @@
 
 Why: a coarse, global alignment of text and image before the cross-modal encoder; its similarities also
 choose ITM's hard negatives and rank candidates for retrieval. Loss: symmetric InfoNCE between the
-L2-normalised bias-free projections of the text [CLS] and the visual [CLS], divided by a learnable temperature
-(initialised at 0.07 and clamped in place to `temperature_range`, as ALBEF does, so it cannot run away).
+L2-normalised bias-free projections of the text [CLS] and the visual [CLS] (the model's contrastive head,
+`mvptr.objectives.heads.ContrastiveHead`), divided by a learnable temperature (initialised at 0.07 and
+clamped in place to `TEMPERATURE_RANGE`, as ALBEF does, so it cannot run away).
 
 Negatives: when torch.distributed is initialised, every rank's embeddings are gathered with their gradient
 (`torch.distributed.nn.functional.all_gather`), so each pair is contrasted with the global batch; this
@@ -11,7 +12,9 @@ needs the same per-rank batch size. `gather=False` keeps the per-GPU batch only,
 
 Batch keys: input_ids, attention_mask, tag_ids, tag_mask, region_feats, region_boxes, region_mask.
 
-Use: `loss, logs = vsc_loss(model, batch, encoded)` (encoded: a shared `mvptr.tasks.PairEncoding`, or None)
+Options (`pretrain.objectives.vsc`): weight, gather.
+
+Use: `loss, logs = vsc_loss(model, batch, encoded)` (encoded: a shared `mvptr.objectives.PairEncoding`, or None)
 """
 
 from __future__ import annotations
@@ -23,26 +26,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from mvptr.tasks import Batch, Logs, PairEncoding
+from mvptr.objectives import Batch, Logs, Objective, PairEncoding, StepContext
+from mvptr.objectives.heads import ContrastiveHead
 
 if TYPE_CHECKING:
-    from mvptr.models.mvptr import MVPTRModel
-
-# ALBEF's bounds for the learnable temperature.
-TEMPERATURE_RANGE = (0.001, 0.5)
-
-
-def vsc_embeddings(model: MVPTRModel, encoded: PairEncoding) -> tuple[Tensor, Tensor]:
-    """L2-normalised projections of the text [CLS] and the visual [CLS]: (B, P) each."""
-    text = F.normalize(model.text_proj(encoded.text[:, 0]).float(), dim=-1)
-    image = F.normalize(model.visual_proj(encoded.image.tags[:, 0]).float(), dim=-1)
-    return text, image
+    from mvptr.models.base import VLModel
 
 
 @torch.no_grad()
-def similarity(model: MVPTRModel, encoded: PairEncoding) -> Tensor:
+def similarity(model: VLModel, encoded: PairEncoding) -> Tensor:
     """(B texts, B images) cosine similarities, without gradient (for picking negatives)."""
-    text, image = vsc_embeddings(model, encoded)
+    text, image = model.contrastive_embeddings(encoded.text, encoded.image)
     return text @ image.T
 
 
@@ -67,13 +61,28 @@ def info_nce(text: Tensor, image: Tensor, temperature: Tensor | float, gather: b
     return (F.cross_entropy(text_to_image, targets) + F.cross_entropy(image_to_text, targets)) / 2
 
 
-def vsc_loss(model: MVPTRModel, batch: Batch, encoded: PairEncoding | None = None, *, gather: bool = True,
-             temperature_range: tuple[float, float] = TEMPERATURE_RANGE) -> tuple[Tensor, Logs]:
+def vsc_loss(model: VLModel, batch: Batch, encoded: PairEncoding | None = None, *,
+             gather: bool = True) -> tuple[Tensor, Logs]:
     """Symmetric InfoNCE over the batch (global batch when `gather` and distributed)."""
     if encoded is None:
         encoded = PairEncoding(model, batch)
-    with torch.no_grad():
-        model.temperature.clamp_(*temperature_range)
-    text, image = vsc_embeddings(model, encoded)
-    loss = info_nce(text, image, model.temperature, gather)
-    return loss, {"vsc": loss.detach(), "temperature": model.temperature.detach()}
+    head = model.heads["contrastive"]
+    head.clamp_temperature()
+    text, image = model.contrastive_embeddings(encoded.text, encoded.image)
+    loss = info_nce(text, image, head.temperature, gather)
+    return loss, {"vsc": loss.detach(), "temperature": head.temperature.detach()}
+
+
+class VSC(Objective):
+    name = "vsc"
+    head_name = "contrastive"
+    options_schema = {"gather": {"type": "boolean", "description": "negatives from every rank when distributed "
+                                                                    "(false: the per-GPU batch, released code)"}}
+    head = staticmethod(ContrastiveHead)
+
+    def forward(self, model: VLModel, batch: Batch, encoded: PairEncoding | None,
+                ctx: StepContext) -> tuple[Tensor, Logs]:
+        return vsc_loss(model, batch, encoded, gather=self.options["gather"])
+
+
+OBJECTIVE = VSC

@@ -9,7 +9,7 @@ Use:
     candidates = maskable(ids, attention_mask, config.special_token_ids)
     masked, labels = mask_tokens(ids, candidates, config.mask_token_id, config.vocab_size, generator)
     masked = mask_linked_concepts(masked, labels != IGNORE_INDEX, concept_links, config.mask_token_id)
-    loss = token_prediction_loss(model.lm_head, hidden, labels)
+    loss = token_prediction_loss(model.heads["lm"], hidden, labels)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mvptr.tasks import random_ids, uniform
+from mvptr.objectives.sampling import random_ids, uniform
 
 # Label of the positions that are not predicted (torch's cross-entropy default).
 IGNORE_INDEX = -100

@@ -1,0 +1,42 @@
+"""The workflow's artifacts that pre-training and fine-tuning read, and the command-line flags that name them.
+
+Why one place: `mvptr pretrain stage` and `mvptr evaluate run` read the same four artifacts (the outputs of the
+data, concept and region rules) and a job folder; their flags, help and path resolution are written once here,
+in a module light enough for `mvptr --help` (no torch).
+
+Use:
+    add_artifact_arguments(parser)                 # --dataset --concepts --vocab --regions --job-dir
+    paths = StagePaths(**artifact_paths(args), ckpt_dir=...)
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+HELP = {"dataset": "prepared dataset folder (with the task files)", "concepts": "concepts.json",
+        "vocab": "concept_vocab.json", "regions": "folder of the region stores"}
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """The workflow's artifacts that pre-training and fine-tuning read (the outputs of the data, concept and
+    region rules)."""
+
+    dataset: Path  # prepared dataset folder
+    concepts: Path  # concepts.json
+    vocab: Path  # concept_vocab.json
+    regions: Path  # folder of {split}.h5
+
+
+def add_artifact_arguments(parser: argparse.ArgumentParser) -> None:
+    """--dataset, --concepts, --vocab, --regions (required) and --job-dir (the submitit folder)."""
+    for name, what in HELP.items():
+        parser.add_argument(f"--{name}", type=Path, required=True, help=what)
+    parser.add_argument("--job-dir", type=Path, required=True, help="submitit folder and job id (beside the log)")
+
+
+def artifact_paths(args: argparse.Namespace) -> dict[str, Path]:
+    """The four artifacts of the parsed flags, as absolute paths (a job may run in another directory)."""
+    return {name: getattr(args, name).resolve() for name in HELP}
