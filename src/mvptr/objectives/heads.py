@@ -19,6 +19,12 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from mvptr.models.base import VLConfig
 
+def upcast(x: Tensor) -> Tensor:
+    """At least float32 (the similarities of a bf16 model are computed in float32; a float64 model keeps its
+    precision, as the gradient tests run in float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 # ALBEF's bounds for a learnable temperature.
 TEMPERATURE_RANGE = (0.001, 0.5)
 
@@ -55,10 +61,10 @@ class ContrastiveHead(nn.Module):
             self.temperature.fill_(self.temperature_init)
 
     def embed_text(self, text_cls: Tensor) -> Tensor:
-        return F.normalize(self.text_proj(text_cls).float(), dim=-1)
+        return F.normalize(upcast(self.text_proj(text_cls)), dim=-1)
 
     def embed_image(self, image_cls: Tensor) -> Tensor:
-        return F.normalize(self.image_proj(image_cls).float(), dim=-1)
+        return F.normalize(upcast(self.image_proj(image_cls)), dim=-1)
 
     def forward(self, text_cls: Tensor, image_cls: Tensor) -> tuple[Tensor, Tensor]:
         return self.embed_text(text_cls), self.embed_image(image_cls)
