@@ -136,12 +136,14 @@ def test_itc_targets_count_queued_captions_of_the_same_image_as_positives():
     encoded = PairEncoding(model, batch)
     with torch.no_grad():
         text_m, image_m = momentum.model.contrastive_embeddings(encoded.text, encoded.image)
-    itc.enqueue(text_m[:1], image_m[:1], torch.tensor([0]))  # a queued entry of image 0
+    # A queued entry of image 0 that is not the batch's own pair 0 (another caption of it, earlier).
+    queued_text, queued_image = text_m[1:2].flip(-1), image_m[1:2].flip(-1)
+    itc.enqueue(queued_text, queued_image, torch.tensor([0]))
     loss, _ = itc(model, batch, encoded, StepContext(momentum=momentum.model))
     with torch.no_grad():
         text, image = model.contrastive_embeddings(encoded.text, encoded.image)
         temperature = model.heads["contrastive"].temperature
-        all_text, all_image = torch.cat([text_m, text_m[:1]]), torch.cat([image_m, image_m[:1]])
+        all_text, all_image = torch.cat([text_m, queued_text]), torch.cat([image_m, queued_image])
         expected = 0.0
         for i in range(4):
             positives = [i, 4] if i == 0 else [i]  # image 0 is also the queued entry (column 4)
@@ -164,6 +166,11 @@ def test_itm_both_gives_every_text_and_every_image_a_negative_never_sharing_imag
     assert len(texts) == 8
     assert all(allowed[t, i] for t, i in zip(texts.tolist(), images.tolist()))
     assert sorted(texts[:4].tolist()) == [0, 1, 2, 3] and sorted(images[4:].tolist()) == [0, 1, 2, 3]
+    # One image's captions only: nothing may be a negative, on either side.
+    batch["image_ids"] = torch.zeros(4, dtype=torch.long)
+    texts, _ = negative_pairs(torch.randn(4, 4), allowed_negatives(batch), "softmax",
+                              torch.Generator().manual_seed(0), both=True)
+    assert len(texts) == 0
 
 
 # --- XMM -------------------------------------------------------------------------------------------------------
@@ -224,6 +231,8 @@ def test_psl_keywords_exclude_special_tokens_and_stop_words():
     # A stop word (12 here) is not a candidate: head 0 then votes for 1 and 2.
     no_stop = torch.tensor([[False, True, True, False, False, False]])
     assert labelled(keyword_labels(PSL_ATTENTION, PSL_IDS, no_stop, 2, 3, 120)) == [10, 11]
+    # More votes per head than candidates: the votes left over go nowhere (no special token becomes a keyword).
+    assert labelled(keyword_labels(PSL_ATTENTION, PSL_IDS, no_stop, 3, 3, 120)) == [10, 11]
 
 
 def test_psl_keywords_of_the_released_code_let_sep_and_pad_in():
