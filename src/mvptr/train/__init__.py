@@ -1,7 +1,7 @@
-"""Pre-training: objectives per stage, the resumable training loop, checkpoints, distributed set-up and the
-submitit job that runs a stage.
+"""Pre-training: which objectives each stage trains, the resumable training loop, checkpoints and distributed
+set-up, for every method (the model and its objectives come from `mvptr.models` and `mvptr.objectives`).
 
-Modules: `objectives` (stage -> tasks, the step module), `optim` (AdamW groups, warmup + decay), `checkpoint`
-(resumable training state), `distributed` (ranks from submitit or the environment, batch order), `loop`
-(`train_stage`), `job` (what the submitit job of a stage runs), `commands` (`mvptr pretrain ...`).
+Modules: `stages` (stage -> objectives, derived from the objective modules), `optim` (AdamW groups, warmup +
+decay), `checkpoint` (resumable training state), `distributed` (ranks from submitit or the environment), `loop`
+(`train_stage`), `commands` (`mvptr pretrain ...`). What a stage's submitit job runs is `mvptr.jobs`.
 """

@@ -6,7 +6,7 @@ interface of `mvptr.models.base`. It resumes from the stage's checkpoint directo
 (SIGKILL, preemption, timeout) and then computes exactly what a straight run computes: the data position
 is a function of the step (`batch_indices`), and every random state is checkpointed, as is the whole step
 module (model, momentum model, objectives' queues and pointers). bf16 autocast on CUDA,
-fp32 on CPU. Rank 0 logs every task's loss, the learning rate and samples/s to MLflow every `log_every`
+fp32 on CPU. Rank 0 logs every objective's loss, the learning rate and samples/s to MLflow every `log_every`
 steps and, with an ETA, to the job's log.
 
 Outputs in the checkpoint directory (the calling command copies them to the rule's outputs on success):
