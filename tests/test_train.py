@@ -266,3 +266,30 @@ def test_a_checkpoint_left_by_another_study_starts_a_new_mlflow_run(artifacts, t
     result = train_stage(load_config(SMALL), 1, paths(artifacts, ckpt), log=messages.append)
     assert result["completed"] and result["mlflow_run_id"] not in (None, other)
     assert any(f"not resuming MLflow run {other}" in m for m in messages)
+
+
+def _simla_two_ranks(rank: int, world_size: int, port: int, artifacts: dict[str, Path], init: Path, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    cfg = load_config([*SMALL, "method.name=simla", "pretrain.stage2.steps=3", "pretrain.objectives.itc.queue_size=16"])
+    train_stage(cfg, 2, paths(artifacts, out, init), log=quiet)
+
+
+@pytest.mark.timeout(600)
+def test_simla_on_two_gloo_ranks_queues_every_ranks_batch_in_rank_order(artifacts, simla_stage1, tmp_path):
+    """ITC enqueues the global batch (rank 0's pairs, then rank 1's), so both ranks keep one queue: after 3 steps
+    of 8 pairs in a queue of 16, slots 0-7 hold step 3's images and slots 8-15 step 2's, the pointer is at 8."""
+    from mvptr.data.order import batch_indices
+    from mvptr.pairs import PairDataset, PairInputs
+
+    mp.start_processes(_simla_two_ranks, args=(2, _free_port(), artifacts, simla_stage1, tmp_path / "ckpt"),
+                       nprocs=2, start_method="spawn")
+    state = load_state(tmp_path / "ckpt", 0)["step_module"]
+    cfg = load_config([*SMALL, "method.name=simla"])
+    inputs = PairInputs.from_artifacts(cfg, artifacts["dataset"], artifacts["concepts"], artifacts["vocab"])
+    pairs = PairDataset(inputs, artifacts["regions"] / "train.h5", "train")
+    written = [pairs.pairs[i][1] for step in range(3) for rank in range(2)
+               for i in batch_indices(len(pairs), 8, step, cfg["seed"], rank, 2)]
+    assert state["objectives.itc.ptr"].item() == len(written) % 16
+    assert state["objectives.itc.id_queue"].tolist() == written[16:] + written[8:16]
