@@ -66,9 +66,6 @@ class ContrastiveHead(nn.Module):
     def embed_image(self, image_cls: Tensor) -> Tensor:
         return F.normalize(upcast(self.image_proj(image_cls)), dim=-1)
 
-    def forward(self, text_cls: Tensor, image_cls: Tensor) -> tuple[Tensor, Tensor]:
-        return self.embed_text(text_cls), self.embed_image(image_cls)
-
     @torch.no_grad()
     def clamp_temperature(self, low: float = TEMPERATURE_RANGE[0], high: float = TEMPERATURE_RANGE[1]) -> None:
         self.temperature.clamp_(low, high)

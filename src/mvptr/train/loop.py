@@ -178,11 +178,6 @@ def distribute(step_module: PretrainStep, env: Env) -> torch.nn.Module:
     return DistributedDataParallel(step_module, find_unused_parameters=True)
 
 
-def unwrap(step_module: torch.nn.Module) -> PretrainStep:
-    """The PretrainStep inside a DistributedDataParallel wrapper (or the module itself)."""
-    return step_module.module if isinstance(step_module, DistributedDataParallel) else step_module
-
-
 def _train(cfg: Mapping[str, Any], stage: int, model: VLModel, objectives: list[str], pairs: PairDataset, env: Env,
            ckpt_dir: Path, log: Log, stop_after: int | None) -> dict[str, Any]:
     pcfg, scfg = cfg["pretrain"], cfg["pretrain"][f"stage{stage}"]
