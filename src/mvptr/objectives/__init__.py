@@ -35,7 +35,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -60,6 +60,15 @@ class StepContext:
     momentum: VLModel | None = None  # the EMA copy of the model, when an objective uses one
     # Factor of the distillation weights, min(1, step / ramp steps): ALBEF and SIMLA ramp alpha up from 0.
     ramp: float = 1.0
+    _teacher: PairEncoding | None = field(default=None, repr=False)
+
+    def teacher(self, batch: Batch) -> PairEncoding:
+        """The momentum model's uni-modal encodings of the batch, computed once per step for every objective
+        that distils or queues (ITC, MLM, PSL), without gradient."""
+        if self._teacher is None:
+            with torch.no_grad():
+                self._teacher = PairEncoding(self.momentum, batch)
+        return self._teacher
 
 
 class PairEncoding:

@@ -108,9 +108,8 @@ class ITC(Objective):
         text, image = model.contrastive_embeddings(encoded.text, encoded.image)
         image_ids = batch["image_ids"]
         with torch.no_grad():
-            teacher = ctx.momentum
-            text_m, image_m = teacher.contrastive_embeddings(
-                teacher.encode_text(batch["input_ids"], batch["attention_mask"]), teacher.encode_image(batch))
+            teacher = ctx.teacher(batch)
+            text_m, image_m = ctx.momentum.contrastive_embeddings(teacher.text, teacher.image)
             all_text = torch.cat([text_m, self.text_queue.to(text_m.dtype)])
             all_image = torch.cat([image_m, self.image_queue.to(image_m.dtype)])
             all_ids = torch.cat([image_ids, self.id_queue])

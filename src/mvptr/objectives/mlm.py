@@ -57,10 +57,10 @@ def distilled_cross_entropy(logits: Tensor, labels: Tensor, teacher_logits: Tens
 
 def mlm_loss(model: VLModel, batch: Batch, encoded: PairEncoding | None = None, *, mask_prob: float = 0.15,
              generator: torch.Generator | None = None, teacher: VLModel | None = None,
-             alpha: float = 0.0) -> tuple[Tensor, Logs]:
+             teacher_image: Any = None, alpha: float = 0.0) -> tuple[Tensor, Logs]:
     """Cross-entropy of the masked words, predicted from the cross-modal outputs of the matched pairs; with a
     `teacher` (the momentum model) and alpha > 0, distilled towards the teacher's predictions on the same
-    masked input."""
+    masked input (`teacher_image`: the teacher's encoding of the images, if already computed)."""
     image = encoded.image if encoded is not None else model.encode_image(batch)
     masked, labels = mask_caption(batch, model.config, mask_prob, generator)
     picked = labels != IGNORE_INDEX
@@ -69,7 +69,9 @@ def mlm_loss(model: VLModel, batch: Batch, encoded: PairEncoding | None = None, 
         loss = token_prediction_loss(model.heads["lm"], hidden, labels)
     else:
         with torch.no_grad():
-            teacher_hidden = fused_masked_text(teacher, batch, teacher.encode_image(batch), masked)
+            if teacher_image is None:
+                teacher_image = teacher.encode_image(batch)
+            teacher_hidden = fused_masked_text(teacher, batch, teacher_image, masked)
             teacher_logits = teacher.heads["lm"](teacher_hidden[picked]).float()
         logits = model.heads["lm"](hidden[picked]).float()
         loss = distilled_cross_entropy(logits, labels[picked], teacher_logits, alpha)
@@ -91,8 +93,10 @@ class MLM(Objective):
 
     def forward(self, model: VLModel, batch: Batch, encoded: PairEncoding | None,
                 ctx: StepContext) -> tuple[Tensor, Logs]:
+        alpha = self.options["distill"] * ctx.ramp
+        teacher_image = ctx.teacher(batch).image if alpha > 0 and ctx.momentum is not None else None
         return mlm_loss(model, batch, encoded, mask_prob=self.options["mask_prob"], generator=ctx.generator,
-                        teacher=ctx.momentum, alpha=self.options["distill"] * ctx.ramp)
+                        teacher=ctx.momentum, teacher_image=teacher_image, alpha=alpha)
 
 
 OBJECTIVE = MLM

@@ -121,13 +121,13 @@ class PSL(Objective):
         if encoded is None:
             encoded = PairEncoding(model, batch)
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        teacher = ctx.momentum
+        teacher, encodings = ctx.momentum, ctx.teacher(batch)
         with torch.no_grad():
             image = type(encoded.image)(*(None if part is None else part.detach() for part in encoded.image))
-            attention = teacher.cls_attention(teacher.encode_text(ids, mask).tokens, mask, image)
+            attention = teacher.cls_attention(encodings.text.tokens, mask, image)
             hard = keyword_labels(attention, ids, self.candidates(batch), self.options["votes_per_head"],
                                   self.options["keywords"], self.vocab_size, self.cls_token_id)
-            soft = torch.sigmoid(teacher.heads["psl"](teacher.image_embedding(teacher.encode_image(batch))).float())
+            soft = torch.sigmoid(teacher.heads["psl"](teacher.image_embedding(encodings.image)).float())
         logits = model.heads["psl"](model.image_embedding(encoded.image)).float()
         alpha = self.options["distill"] * ctx.ramp
         loss = (1 - alpha) * F.binary_cross_entropy_with_logits(logits, hard)
