@@ -1,4 +1,4 @@
-"""Tests of downstream fine-tuning (mvptr.evaluate.task_data, heads, finetune, commands) on the tiny world.
+"""Tests of downstream fine-tuning (mvptr.data.task_files, heads, finetune, commands) on the tiny world.
 
 The artifacts (tiny synthetic world, concepts, vocabulary, region stores) are built once per session through
 the `mvptr` CLI by conftest's fixture, and a never-trained model (stage 0) is saved; the model is
@@ -20,10 +20,11 @@ from safetensors.torch import load_file, save_model
 
 # The tiny world, concepts, vocabulary and region stores, built through the CLI as the workflow builds them.
 from mvptr.config import load_config
+from mvptr.data import task_files
 from mvptr.data.coco import read_json
+from mvptr.data.vqa_answers import answer_vocabulary
 from mvptr.errors import DataError
-from mvptr.evaluate import task_data
-from mvptr.evaluate.finetune import TaskPaths, answer_vocabulary, finetune, flat_metrics, iou_targets
+from mvptr.evaluate.finetune import TaskPaths, finetune, flat_metrics, iou_targets
 from mvptr.models import build_model
 from mvptr.regions.store import RegionStore
 
@@ -69,17 +70,17 @@ def test_readers_give_one_example_per_record_of_each_file(artifacts):
     counts = read_json(world / "manifest.json")["counts"]
     image_ids = {image["id"] for image in read_json(world / "annotations/captions.json")["images"]}
     for (task, split), name in FILES.items():
-        examples = task_data.read_task(world, task, split)
+        examples = task_files.read_task(world, task, split)
         assert len(examples) == counts[name] > 0, (task, split)
         ids = {i for ex in examples for i in ((ex.left_image_id, ex.right_image_id) if task == "nlvr2"
                                               else (ex.image_id,))}
         assert ids <= image_ids
-    vqa = task_data.read_task(world, "vqa", "train")
+    vqa = task_files.read_task(world, "vqa", "train")
     assert all(len(ex.answers) == 10 for ex in vqa) and all(ex.question.endswith("?") for ex in vqa)
     raw = read_json(world / "vqa/v2_mscoco_train_annotations.json")["annotations"][0]
     assert vqa[0].answers == tuple(a["answer"] for a in raw["answers"])
-    assert Counter(ex.label for ex in task_data.read_task(world, "ve", "train")).keys() == {0, 1, 2}
-    assert Counter(ex.label for ex in task_data.read_task(world, "nlvr2", "train")).keys() == {0, 1}
+    assert Counter(ex.label for ex in task_files.read_task(world, "ve", "train")).keys() == {0, 1, 2}
+    assert Counter(ex.label for ex in task_files.read_task(world, "nlvr2", "train")).keys() == {0, 1}
 
 
 def test_refcoco_reader_gives_every_sentence_with_the_gold_box_of_instances(artifacts):
@@ -90,7 +91,7 @@ def test_refcoco_reader_gives_every_sentence_with_the_gold_box_of_instances(arti
     sizes = {i["id"]: (i["width"], i["height"]) for i in instances["images"]}
     total = 0
     for split in ("train", "val", "testA", "testB"):
-        examples = task_data.read_task(world, "rec", split)
+        examples = task_files.read_task(world, "rec", split)
         split_refs = {r["ref_id"]: r for r in refs if r["split"] == split}
         assert len(examples) == sum(len(r["sentences"]) for r in split_refs.values())
         for ex in examples:
@@ -107,7 +108,7 @@ def test_a_malformed_json_lines_file_is_named_with_its_line(tmp_path):
     (tmp_path / "nlvr2").mkdir()
     (tmp_path / "nlvr2" / "dev.json").write_text('{"identifier": "dev-0-0-0"}\n{not json\n')
     with pytest.raises(DataError, match="dev.json line 2"):
-        task_data.read_task(tmp_path, "nlvr2", "dev")
+        task_files.read_task(tmp_path, "nlvr2", "dev")
 
 
 def test_public_records_without_image_ids_and_non_square_images(tmp_path):
@@ -119,9 +120,9 @@ def test_public_records_without_image_ids_and_non_square_images(tmp_path):
     (tmp_path / "snli_ve" / "snli_ve_dev.jsonl").write_text(json.dumps(
         {"Flikr30kID": "7.jpg", "pairID": "p0", "sentence2": "a dog runs.", "gold_label": "neutral"}) + "\n")
     by_file = {"dev-850-0-img0.png": 11, "dev-850-0-img1.png": 12, "7.jpg": 7}
-    assert task_data.read_task(tmp_path, "nlvr2", "dev", by_file) == [
-        task_data.NLVR2Example("dev-850-0-0", 11, 12, "there are two dogs.", 1)]
-    assert task_data.read_task(tmp_path, "ve", "dev", by_file) == [task_data.VEExample("p0", 7, "a dog runs.", 1)]
+    assert task_files.read_task(tmp_path, "nlvr2", "dev", by_file) == [
+        task_files.NLVR2Example("dev-850-0-0", 11, 12, "there are two dogs.", 1)]
+    assert task_files.read_task(tmp_path, "ve", "dev", by_file) == [task_files.VEExample("p0", 7, "a dog runs.", 1)]
     (tmp_path / "manifest.json").write_text("{}")  # the standard layout: annotations/instances.json
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "instances.json").write_text(json.dumps(
@@ -129,8 +130,8 @@ def test_public_records_without_image_ids_and_non_square_images(tmp_path):
     (tmp_path / "refcoco").mkdir()
     (tmp_path / "refcoco" / "refs.json").write_text(json.dumps([
         {"ref_id": 0, "ann_id": 9, "image_id": 3, "split": "val", "sentences": [{"sent": "left dog", "sent_id": 5}]}]))
-    assert task_data.read_task(tmp_path, "rec", "val") == [
-        task_data.RefExample(0, 5, 3, "left dog", (0.1, 0.1, 0.35, 0.5))]
+    assert task_files.read_task(tmp_path, "rec", "val") == [
+        task_files.RefExample(0, 5, 3, "left dog", (0.1, 0.1, 0.35, 0.5))]
 
 
 # --- Targets ------------------------------------------------------------------------------------------------
@@ -143,7 +144,7 @@ def test_iou_targets_of_a_known_region_and_hand_made_boxes(artifacts):
                             [0.25, 0.0, 0.75, 0.5, 0.5, 0.5]])
     assert iou_targets(regions, (0.25, 0.0, 0.75, 0.5)).tolist() == pytest.approx([1 / 3, 0.0, 1.0])
     # The store keeps the gold boxes (regions.boxes: gold): the referred object's own region has IoU 1.
-    example = task_data.read_task(artifacts["dataset"], "rec", "train")[0]
+    example = task_files.read_task(artifacts["dataset"], "rec", "train")[0]
     store = RegionStore(artifacts["regions"] / "train.h5")
     boxes = torch.from_numpy(store.get(example.image_id).boxes)
     iou = iou_targets(boxes, example.gold_box)
@@ -154,8 +155,8 @@ def test_iou_targets_of_a_known_region_and_hand_made_boxes(artifacts):
 
 
 def test_answer_vocabulary_orders_by_frequency_and_caps():
-    examples = [task_data.VQAExample(1, 1, "q?", "what", "other", ("Two",) * 6 + ("three",) * 4),
-                task_data.VQAExample(2, 1, "q?", "what", "other", ("yes",) * 10)]
+    examples = [task_files.VQAExample(1, 1, "q?", "what", "other", ("Two",) * 6 + ("three",) * 4),
+                task_files.VQAExample(2, 1, "q?", "what", "other", ("yes",) * 10)]
     assert answer_vocabulary(examples) == ["yes", "2", "3"]  # normalised: number words become digits
     assert answer_vocabulary(examples, max_answers=2) == ["yes", "2"]
 
@@ -182,7 +183,7 @@ EXPECTED_SPLITS = {"retrieval": {"test"}, "vqa": {"val", "test"}, "ve": {"dev", 
                    "rec": {"val", "testA", "testB"}, "nlvr2": {"dev", "test1"}}
 
 
-@pytest.mark.parametrize("task", task_data.TASKS)
+@pytest.mark.parametrize("task", task_files.TASKS)
 def test_each_task_fine_tunes_and_reports_metrics_in_range(stage0, task, tmp_path):
     cfg = load_config(SMALL)
     result = finetune(cfg, task, paths(stage0, tmp_path / "model.safetensors"), log=quiet)
@@ -207,7 +208,7 @@ def test_each_task_fine_tunes_and_reports_metrics_in_range(stage0, task, tmp_pat
         else:
             assert "accuracy" in metrics and metrics["examples"] > 0
             if task in ("ve", "nlvr2"):
-                labels = task_data.VE_LABELS if task == "ve" else task_data.NLVR2_LABELS
+                labels = task_files.VE_LABELS if task == "ve" else task_files.NLVR2_LABELS
                 assert chance["chance"] == pytest.approx(100 / len(labels))
             else:
                 assert 0 < chance["chance"] < 100  # a few regions per image, one of them the gold box

@@ -10,16 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from mvptr.data.vqa_answers import normalize_answer, vqa_accuracy, vqa_soft_scores
 from mvptr.evaluate.metrics import (
     box_iou,
     classification_report,
     grounding_accuracy,
-    normalize_answer,
     retrieval_ranks,
     retrieval_recalls,
-    vqa_accuracy,
     vqa_report,
-    vqa_soft_scores,
 )
 from mvptr.evaluate.rerank import exhaustive_scores, itm_pair_scorer, rerank, score_pairs
 from mvptr.models.mvptr import MVPTRConfig, MVPTRModel

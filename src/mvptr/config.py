@@ -247,7 +247,7 @@ def with_objectives(schema: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[s
             f"config key 'pretrain.objectives.{name}': no such objective; objectives (mvptr.objectives): "
             f"{', '.join(known)}" for name in unknown))
     node = schema["properties"]["pretrain"]["properties"]["objectives"]
-    node["properties"] = {name: options_schema(name) for name in names}
+    node["properties"] = {name: options_schema(name, list(names)) for name in names}
     node["additionalProperties"] = False
     return schema
 

@@ -20,5 +20,7 @@ def run_stage(cfg: Mapping[str, Any], stage: int, paths: StagePaths) -> dict[str
     if stage == 2 and result.get("completed", True):
         from mvptr.evaluate.zero_shot import zero_shot_retrieval
 
-        result["zero_shot"] = zero_shot_retrieval(cfg, paths, Path(paths.ckpt_dir) / FINAL_WEIGHTS, split="test")
+        zero_shot = zero_shot_retrieval(cfg, paths, Path(paths.ckpt_dir) / FINAL_WEIGHTS, split="test")
+        if zero_shot is not None:  # a method without contrastive embeddings has no zero-shot retrieval
+            result["zero_shot"] = zero_shot
     return result

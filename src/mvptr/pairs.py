@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 
 from mvptr.concepts.parser import SceneGraph
 from mvptr.concepts.vocab import concept_ids
+from mvptr.questions import QuestionBank, collate_questions
 from mvptr.regions.store import RegionStore
 
 
@@ -138,8 +139,11 @@ class PairInputs:
 class PairDataset(Dataset):
     """The (caption, image) pairs of one split, every caption of every image with regions in the store."""
 
-    def __init__(self, inputs: PairInputs, store_path: Path | str, split: str) -> None:
+    def __init__(self, inputs: PairInputs, store_path: Path | str, split: str,
+                 questions: QuestionBank | None = None) -> None:
         self.inputs = inputs
+        # SemVLP's QA objective: each pair also carries a VQA training question about its image.
+        self.questions = questions
         self.store = RegionStore(store_path)
         self.tags = TagEncoder(inputs.tokenizer, self.store.tag_vocab, inputs.max_tags)
         # Images missing from the store were skipped as unreadable (regions.on_bad_image: skip).
@@ -167,7 +171,10 @@ class PairDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         caption_id, image_id = self.pairs[index]
-        return {**self.text_item(caption_id), **self.image_item(image_id)}
+        item = {**self.text_item(caption_id), **self.image_item(image_id)}
+        if self.questions is not None:
+            item.update(self.questions.item(index, image_id))
+        return item
 
 
 def _pad(rows: Sequence[np.ndarray], value: float = 0) -> tuple[Tensor, Tensor]:
@@ -213,5 +220,9 @@ def collate_image(items: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
 
 
 def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
-    """Items of PairDataset -> the batch layout of `mvptr.objectives`."""
-    return {**collate_text(items), **collate_image(items)}
+    """Items of PairDataset -> the batch layout of `mvptr.objectives` (+ the question keys of
+    `mvptr.questions` when the items carry questions)."""
+    batch = {**collate_text(items), **collate_image(items)}
+    if "question_ids" in items[0]:
+        batch.update(collate_questions(items))
+    return batch

@@ -10,7 +10,7 @@ code that computes them is kept apart from the task heads and tested on hand-com
               pair exhaustively
     encode    the uni-modal encodings of a split, computed once (retrieval, zero-shot)
     zero_shot zero-shot contrastive retrieval after pre-training, with the chance recalls
-    task_data readers of the task files (VQA v2, SNLI-VE, RefCOCO, NLVR2) -> examples
+    (the readers of the task files are `mvptr.data.task_files`, the VQA answer rules `mvptr.data.vqa_answers`)
     heads     the task heads (MLP classifiers, region scores for referring expressions)
     finetune  fine-tune + evaluate one task; commands: `mvptr evaluate run` (a `mvptr.launch.job.ConfigJob`)
 

@@ -74,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def register(groups: argparse._SubParsersAction) -> None:
-    from mvptr.evaluate.task_data import TASKS
+    from mvptr.data.task_files import TASKS
 
     evaluate = groups.add_parser("evaluate", help="downstream fine-tuning and evaluation").add_subparsers(
         dest="cmd", required=True)

@@ -34,17 +34,23 @@ class SplitEncoding:
     image_cls: Tensor  # (I, H) the image encoder's global vector
     region_hidden: Tensor  # (I, R, H) image-encoder outputs at the regions
     region_mask: Tensor  # (I, R)
-    text_emb: Tensor  # (T, P) L2-normalised contrastive embeddings of the texts
-    image_emb: Tensor  # (I, P) L2-normalised contrastive embeddings of the images
+    text_emb: Tensor | None  # (T, P) L2-normalised contrastive embeddings of the texts (None: the model has none)
+    image_emb: Tensor | None  # (I, P) L2-normalised contrastive embeddings of the images
+    tag_hidden: Tensor | None = None  # (I, T, H) the image side's tag states, for a fusion that reads them
+    tag_mask: Tensor | None = None  # (I, T)
 
     def similarity(self) -> Tensor:
         """(I, T) contrastive cosine similarities."""
+        if self.text_emb is None or self.image_emb is None:
+            raise ValueError("the model has no contrastive embeddings (SemVLP): rank pairs by ITM instead")
         return self.image_emb @ self.text_emb.T
 
     def images(self, index: Tensor) -> ImageEncoding:
         """The cached encodings of the images `index`, as `model.fuse` takes them."""
+        tags = None if self.tag_hidden is None else self.tag_hidden[index]
+        tag_mask = None if self.tag_mask is None else self.tag_mask[index].bool()
         return ImageEncoding(cls=self.image_cls[index], regions=self.region_hidden[index],
-                             region_mask=self.region_mask[index].bool())
+                             region_mask=self.region_mask[index].bool(), tags=tags, tag_mask=tag_mask)
 
     def to(self, device: torch.device) -> SplitEncoding:
         return SplitEncoding(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in vars(self).items()})
@@ -59,6 +65,7 @@ def _cat_padded(chunks: list[Tensor]) -> Tensor:
 @torch.no_grad()
 def encode_split(model: VLModel, pairs: PairDataset, device: torch.device, batch_size: int = 128) -> SplitEncoding:
     model.eval()
+    contrastive = model.has_contrastive
     caption_ids = [cid for cid, _ in pairs.pairs]
     image_ids = pairs.image_ids
     image_index = {image_id: i for i, image_id in enumerate(image_ids)}
@@ -69,8 +76,9 @@ def encode_split(model: VLModel, pairs: PairDataset, device: torch.device, batch
         text = model.encode_text(ids, mask)
         text_hidden.append(text.tokens.float().cpu())
         text_mask.append(mask.cpu())
-        text_emb.append(model.text_embedding(text).cpu())
-    image_cls, region_hidden, region_mask, image_emb = [], [], [], []
+        if contrastive:
+            text_emb.append(model.text_embedding(text).cpu())
+    image_cls, region_hidden, region_mask, image_emb, tag_hidden, tag_mask = [], [], [], [], [], []
     for start in range(0, len(image_ids), batch_size):
         batch = {k: v.to(device) for k, v in collate_image([pairs.image_item(i) for i in
                                                             image_ids[start:start + batch_size]]).items()}
@@ -78,10 +86,15 @@ def encode_split(model: VLModel, pairs: PairDataset, device: torch.device, batch
         image_cls.append(image.cls.float().cpu())
         region_hidden.append(image.regions.float().cpu())
         region_mask.append(batch["region_mask"].cpu())
-        image_emb.append(model.image_embedding(image).cpu())
+        if image.tag_mask is not None:  # a fusion that reads the tags (SemVLP with use_tags)
+            tag_hidden.append(image.tags.float().cpu())
+            tag_mask.append(image.tag_mask.long().cpu())
+        if contrastive:
+            image_emb.append(model.image_embedding(image).cpu())
     return SplitEncoding(
         image_ids=image_ids, caption_ids=caption_ids,
         text_to_image=torch.tensor([image_index[image_id] for _, image_id in pairs.pairs], dtype=torch.long),
         text_hidden=_cat_padded(text_hidden), text_mask=_cat_padded(text_mask), image_cls=torch.cat(image_cls),
         region_hidden=_cat_padded(region_hidden), region_mask=_cat_padded(region_mask),
-        text_emb=torch.cat(text_emb), image_emb=torch.cat(image_emb))
+        text_emb=torch.cat(text_emb) if contrastive else None, image_emb=torch.cat(image_emb) if contrastive else None,
+        tag_hidden=_cat_padded(tag_hidden) if tag_hidden else None, tag_mask=_cat_padded(tag_mask) if tag_mask else None)

@@ -11,7 +11,10 @@ contrastive head: MVPTR's VSC, SIMLA's ITC with its queue and momentum model) + 
     retrieval  contrastive + hard-negative ITM (`PretrainStep`) on the train captions; on the test split, rank
                every pair by the contrastive similarity, re-rank the top k_text texts per image and k_image
                images per text with ITM; R@1/5/10 both ways and r_sum zero-shot (contrastive, before
-               fine-tuning) and fine-tuned (contrastive, ITM)
+               fine-tuning) and fine-tuned (contrastive, ITM). A method without contrastive embeddings
+               (SemVLP) fine-tunes ITM with random negatives and ranks every test pair by ITM: exhaustive,
+               images x texts cross-modal passes (`ranking` exhaustive_itm, with the pairs the re-ranking
+               would have scored, `rerank_pairs`, and the seconds, `itm_seconds`, beside each other)
     vqa        answer vocabulary = every (normalised) training answer, most frequent first (capped by
                evaluate.vqa.max_answers); soft-score BCE; official VQA accuracy overall and per question and
                answer type
@@ -33,8 +36,8 @@ Use: `result = finetune(cfg, "vqa", TaskPaths(dataset, concepts, vocab, regions,
 (or `mvptr evaluate run`, `mvptr.evaluate.commands`). The result:
     task, weights, seconds
     train     examples, steps, batch_size, lr, first_loss, final_loss (mean of the last tenth of the steps)
-    splits    {split: metrics}: retrieval images, texts, zero_shot / fine_tuned_vsc / fine_tuned_itm recalls,
-              k_text, k_image, pairs_scored; vqa vqa_report; ve, nlvr2 classification_report; rec accuracy
+    splits    {split: metrics}: retrieval images, texts, ranking, zero_shot / fine_tuned_vsc / fine_tuned_itm
+              recalls, k_text, k_image, pairs_scored, itm_seconds (exhaustive_itm: rerank_pairs); vqa vqa_report; ve, nlvr2 classification_report; rec accuracy
     chance    {split: chance levels}, as above
     answers (vqa: vocabulary size), skipped_examples (example tasks: images in no region store)
 """
@@ -56,25 +59,25 @@ from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from mvptr.artifacts import Artifacts
+from mvptr.data import task_files
 from mvptr.data.coco import read_json
 from mvptr.data.order import batch_indices
+from mvptr.data.vqa_answers import answer_vocabulary, vqa_soft_scores
 from mvptr.errors import DataError
-from mvptr.evaluate import task_data
 from mvptr.evaluate.encode import encode_split
-from mvptr.evaluate.heads import MLPHead, pooled, region_scores
+from mvptr.evaluate.heads import pooled, region_scores
 from mvptr.evaluate.metrics import (
     box_iou,
     classification_report,
     grounding_accuracy,
-    normalize_answer,
     retrieval_recalls,
     vqa_report,
-    vqa_soft_scores,
 )
-from mvptr.evaluate.rerank import itm_pair_scorer, rerank
+from mvptr.evaluate.rerank import exhaustive_scores, itm_pair_scorer, rerank
 from mvptr.evaluate.zero_shot import chance_recalls
 from mvptr.models import build_model
 from mvptr.objectives import load_objective
+from mvptr.objectives.heads import MLPHead
 from mvptr.objectives.step import PretrainStep, momentum_options
 from mvptr.pairs import EncodedText, PairDataset, PairInputs, TextEncoder, collate, collate_image, collate_text
 from mvptr.progress import Progress
@@ -194,27 +197,34 @@ def fit(module: nn.Module, batch_loss: Callable[[list[int], int], Tensor], num_i
 
 def retrieval_objectives(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The method's objectives that retrieval fine-tunes with (those with the contrastive or the ITM head),
-    at weight 1, ITM with `evaluate.retrieval.itm_sampling` negatives."""
+    at weight 1, ITM with `evaluate.retrieval.itm_sampling` negatives - or uniformly random ones when the method
+    has no contrastive objective (SemVLP: no similarity to pick hard negatives by)."""
     chosen = {}
     for name, options in cfg["pretrain"]["objectives"].items():
         head = load_objective(name).head_name
         if head in ("contrastive", "itm"):
             chosen[name] = {**options, "weight": 1.0}
-            if head == "itm":
-                chosen[name]["sampling"] = cfg["evaluate"]["retrieval"]["itm_sampling"]
+    contrastive = any(load_objective(name).head_name == "contrastive" for name in chosen)
+    for name in chosen:
+        if load_objective(name).head_name == "itm":
+            chosen[name]["sampling"] = cfg["evaluate"]["retrieval"]["itm_sampling"] if contrastive else "random"
     return chosen
 
 
 def retrieval(res: Resources, cfg: Mapping[str, Any], seed: int, log: Log) -> tuple[dict[str, Any], None]:
     """Fine-tune with the contrastive objective + ITM, evaluate zero-shot and fine-tuned retrieval; no head (the
-    model's own)."""
+    model's own). A model without contrastive embeddings (SemVLP) fine-tunes ITM alone and ranks every test
+    pair by ITM (`exhaustive_scores`); its result says what that cost beside the re-ranking protocol."""
     ecfg, rcfg = cfg["evaluate"], cfg["evaluate"]["retrieval"]
-    train, test = res.sets[task_data.TRAIN_SPLIT["retrieval"]], res.sets[task_data.EVAL_SPLITS["retrieval"][0]]
-    before = encode_split(res.model, test, res.device, ecfg["eval_batch_size"])
-    zero_shot = retrieval_recalls(before.similarity(), before.text_to_image)
+    train, test = res.sets[task_files.TRAIN_SPLIT["retrieval"]], res.sets[task_files.EVAL_SPLITS["retrieval"][0]]
+    contrastive = res.model.has_contrastive
+    metrics: dict[str, Any] = {}
+    if contrastive:
+        before = encode_split(res.model, test, res.device, ecfg["eval_batch_size"])
+        metrics["zero_shot"] = retrieval_recalls(before.similarity(), before.text_to_image)
     options = retrieval_objectives(cfg)
     step = PretrainStep(res.model, list(options), options, torch.Generator().manual_seed(seed),
-                        **momentum_options(cfg)).to(res.device)
+                        **momentum_options(cfg), scheduled_modes=False).to(res.device)
 
     def batch_loss(indices: list[int], index: int) -> Tensor:
         return step(res.to_device(collate([train[i] for i in indices])), step=index)[0]
@@ -222,19 +232,31 @@ def retrieval(res: Resources, cfg: Mapping[str, Any], seed: int, log: Log) -> tu
     training = fit(res.model, batch_loss, len(train), rcfg, ecfg, seed, res.device, log, "retrieval",
                    after_step=step.after_step)
     enc = encode_split(res.model, test, res.device, ecfg["eval_batch_size"]).to(res.device)
-    similarity = enc.similarity()
     scorer = itm_pair_scorer(res.model, enc)
-    with _autocast(res.device):
-        reranked = rerank(similarity, rcfg["k_text"], rcfg["k_image"], scorer, ecfg["eval_batch_size"],
-                          add_similarity=rcfg["add_similarity"])
-    test_split = task_data.EVAL_SPLITS["retrieval"][0]
+    n_images, n_texts = len(enc.image_ids), len(enc.caption_ids)
+    started = time.monotonic()
+    if contrastive:
+        similarity = enc.similarity()
+        with _autocast(res.device):
+            reranked = rerank(similarity, rcfg["k_text"], rcfg["k_image"], scorer, ecfg["eval_batch_size"],
+                              add_similarity=rcfg["add_similarity"])
+        metrics.update(
+            ranking="rerank", fine_tuned_vsc=retrieval_recalls(similarity, enc.text_to_image),
+            fine_tuned_itm=retrieval_recalls(reranked.i2t, enc.text_to_image, t2i_scores=reranked.t2i),
+            k_text=rcfg["k_text"], k_image=rcfg["k_image"], add_similarity=rcfg["add_similarity"],
+            pairs_scored=reranked.pairs_scored)
+    else:
+        with _autocast(res.device):
+            scores = exhaustive_scores(n_images, n_texts, scorer, ecfg["eval_batch_size"], device=res.device)
+        # What the re-ranking protocol of the other methods would have scored, for the cost comparison.
+        rerank_pairs = min(rcfg["k_text"], n_texts) * n_images + min(rcfg["k_image"], n_images) * n_texts
+        metrics.update(ranking="exhaustive_itm", fine_tuned_itm=retrieval_recalls(scores, enc.text_to_image),
+                       pairs_scored=n_images * n_texts, rerank_pairs=rerank_pairs)
+    metrics["itm_seconds"] = round(time.monotonic() - started, 2)
+    log(f"retrieval: {metrics['ranking']} scored {metrics['pairs_scored']} pairs by ITM in {metrics['itm_seconds']}s")
+    test_split = task_files.EVAL_SPLITS["retrieval"][0]
     return {"train": {"examples": len(train), **training},
-            "splits": {test_split: {
-                "images": len(enc.image_ids), "texts": len(enc.caption_ids), "zero_shot": zero_shot,
-                "fine_tuned_vsc": retrieval_recalls(similarity, enc.text_to_image),
-                "fine_tuned_itm": retrieval_recalls(reranked.i2t, enc.text_to_image, t2i_scores=reranked.t2i),
-                "k_text": rcfg["k_text"], "k_image": rcfg["k_image"], "add_similarity": rcfg["add_similarity"],
-                "pairs_scored": reranked.pairs_scored}},
+            "splits": {test_split: {"images": n_images, "texts": n_texts, **metrics}},
             "chance": {test_split: chance_recalls(enc.text_to_image)}}, None
 
 
@@ -298,24 +320,24 @@ class ClassificationTask(ExampleTask):
 
 
 class VisualEntailment(ClassificationTask):
-    labels = task_data.VE_LABELS
+    labels = task_files.VE_LABELS
 
-    def text(self, example: task_data.VEExample) -> str:
+    def text(self, example: task_files.VEExample) -> str:
         return example.hypothesis
 
-    def features(self, examples: Sequence[task_data.VEExample]) -> Tensor:
+    def features(self, examples: Sequence[task_files.VEExample]) -> Tensor:
         text, mask = self.res.encode_text([ex.hypothesis for ex in examples])
         return pooled(self.res.model, text, mask, self.res.image_batch([ex.image_id for ex in examples]))
 
 
 class NLVR2(ClassificationTask):
-    labels = task_data.NLVR2_LABELS
+    labels = task_files.NLVR2_LABELS
     images_per_example = 2
 
-    def text(self, example: task_data.NLVR2Example) -> str:
+    def text(self, example: task_files.NLVR2Example) -> str:
         return example.sentence
 
-    def features(self, examples: Sequence[task_data.NLVR2Example]) -> Tensor:
+    def features(self, examples: Sequence[task_files.NLVR2Example]) -> Tensor:
         # One text encoding, two cross-modal passes (one per image), as NLVR2 models pair the images.
         text, mask = self.res.encode_text([ex.sentence for ex in examples])
         model, images = self.res.model, self.res.image_batch
@@ -324,28 +346,21 @@ class NLVR2(ClassificationTask):
         return torch.cat([left, right], dim=-1)
 
 
-def answer_vocabulary(examples: Sequence[task_data.VQAExample], max_answers: int | None = None) -> list[str]:
-    """Every normalised human answer of the training questions, most frequent first (ties alphabetical)."""
-    counts = Counter(normalize_answer(answer) for ex in examples for answer in ex.answers)
-    ranked = sorted(counts, key=lambda answer: (-counts[answer], answer))
-    return ranked[:max_answers] if max_answers else ranked
-
-
 class VQA(ExampleTask):
-    def __init__(self, res: Resources, cfg: Mapping[str, Any], train: Sequence[task_data.VQAExample]) -> None:
+    def __init__(self, res: Resources, cfg: Mapping[str, Any], train: Sequence[task_files.VQAExample]) -> None:
         super().__init__(res, cfg, train)
         self.answers = answer_vocabulary(train, cfg["evaluate"]["vqa"]["max_answers"])
         self.index = {answer: i for i, answer in enumerate(self.answers)}
         self.head = MLPHead(res.model.config.hidden_size, len(self.answers)).to(res.device)
 
-    def text(self, example: task_data.VQAExample) -> str:
+    def text(self, example: task_files.VQAExample) -> str:
         return example.question
 
-    def outputs(self, examples: Sequence[task_data.VQAExample]) -> Tensor:
+    def outputs(self, examples: Sequence[task_files.VQAExample]) -> Tensor:
         text, mask = self.res.encode_text([ex.question for ex in examples])
         return self.head(pooled(self.res.model, text, mask, self.res.image_batch([ex.image_id for ex in examples])))
 
-    def targets(self, examples: Sequence[task_data.VQAExample]) -> Tensor:
+    def targets(self, examples: Sequence[task_files.VQAExample]) -> Tensor:
         """(B, answers) soft scores: the VQA accuracy each vocabulary answer would get (0 if out of vocabulary)."""
         out = torch.zeros(len(examples), len(self.answers))
         for row, ex in enumerate(examples):
@@ -354,22 +369,22 @@ class VQA(ExampleTask):
                     out[row, self.index[answer]] = score
         return out
 
-    def loss(self, outputs: Tensor, examples: Sequence[task_data.VQAExample]) -> Tensor:
+    def loss(self, outputs: Tensor, examples: Sequence[task_files.VQAExample]) -> Tensor:
         # Summed over answers, averaged over questions (VinVL: mean BCE times the number of answers).
         targets = self.targets(examples).to(outputs.device)
         return F.binary_cross_entropy_with_logits(outputs.float(), targets, reduction="sum") / len(examples)
 
-    def report(self, predictions: list[int], examples: Sequence[task_data.VQAExample]) -> dict[str, Any]:
+    def report(self, predictions: list[int], examples: Sequence[task_files.VQAExample]) -> dict[str, Any]:
         return vqa_report(self._records([self.answers[p] for p in predictions], examples))
 
-    def chance(self, examples: Sequence[task_data.VQAExample]) -> dict[str, float]:
+    def chance(self, examples: Sequence[task_files.VQAExample]) -> dict[str, float]:
         # Uniform: the mean over questions of the mean VQA accuracy of the vocabulary's answers.
         uniform = sum(self.targets(examples).sum(dim=1).tolist()) / (len(examples) * len(self.answers))
         majority = vqa_report(self._records([self.answers[0]] * len(examples), examples))["overall"]
         return {"chance": 100.0 * uniform, "majority": majority}
 
     @staticmethod
-    def _records(predictions: Sequence[str], examples: Sequence[task_data.VQAExample]) -> list[dict[str, Any]]:
+    def _records(predictions: Sequence[str], examples: Sequence[task_files.VQAExample]) -> list[dict[str, Any]]:
         return [{"question_type": ex.question_type, "answer_type": ex.answer_type, "prediction": prediction,
                  "answers": ex.answers} for prediction, ex in zip(predictions, examples, strict=True)]
 
@@ -381,23 +396,23 @@ def iou_targets(region_boxes: Tensor, gold_box: Sequence[float]) -> Tensor:
 
 
 class ReferringExpressions(ExampleTask):
-    def __init__(self, res: Resources, cfg: Mapping[str, Any], train: Sequence[task_data.RefExample]) -> None:
+    def __init__(self, res: Resources, cfg: Mapping[str, Any], train: Sequence[task_files.RefExample]) -> None:
         super().__init__(res, cfg, train)
         self.layer = cfg["evaluate"]["rec"]["layer"]
 
-    def text(self, example: task_data.RefExample) -> str:
+    def text(self, example: task_files.RefExample) -> str:
         return example.expression
 
-    def outputs(self, examples: Sequence[task_data.RefExample]) -> Tensor:
+    def outputs(self, examples: Sequence[task_files.RefExample]) -> Tensor:
         text, mask = self.res.encode_text([ex.expression for ex in examples])
         images = self.res.image_batch([ex.image_id for ex in examples])
         return region_scores(self.res.model, text, mask, images, self.layer)
 
-    def regions(self, example: task_data.RefExample) -> Tensor:
+    def regions(self, example: task_files.RefExample) -> Tensor:
         """(R, 6) the example's region boxes."""
         return torch.from_numpy(self.res.image_item(example.image_id)["region_boxes"])
 
-    def loss(self, outputs: Tensor, examples: Sequence[task_data.RefExample]) -> Tensor:
+    def loss(self, outputs: Tensor, examples: Sequence[task_files.RefExample]) -> Tensor:
         valid = torch.isfinite(outputs)
         targets = torch.zeros_like(outputs)
         for row, ex in enumerate(examples):
@@ -405,12 +420,12 @@ class ReferringExpressions(ExampleTask):
             targets[row, : len(iou)] = iou.to(outputs.device)
         return F.mse_loss(outputs[valid], targets[valid])
 
-    def report(self, predictions: list[int], examples: Sequence[task_data.RefExample]) -> dict[str, Any]:
+    def report(self, predictions: list[int], examples: Sequence[task_files.RefExample]) -> dict[str, Any]:
         chosen = torch.stack([self.regions(ex)[p, :4] for p, ex in zip(predictions, examples, strict=True)])
         gold = torch.tensor([list(ex.gold_box) for ex in examples], dtype=torch.float32)
         return {"accuracy": grounding_accuracy(chosen.float(), gold)}
 
-    def chance(self, examples: Sequence[task_data.RefExample]) -> dict[str, float]:
+    def chance(self, examples: Sequence[task_files.RefExample]) -> dict[str, float]:
         hits = [(iou_targets(self.regions(ex), ex.gold_box) >= 0.5).double().mean().item() for ex in examples]
         return {"chance": 100.0 * sum(hits) / len(hits)}
 
@@ -436,13 +451,13 @@ def example_task(res: Resources, cfg: Mapping[str, Any], name: str, paths: TaskP
                  log: Log) -> tuple[dict[str, Any], nn.Module | None]:
     """Fine-tune on the task's training examples and evaluate on its evaluation splits; returns the head."""
     ecfg = cfg["evaluate"]
-    by_file = task_data.image_ids_by_file(paths.dataset)
-    read = {split: task_data.read_task(paths.dataset, name, split, by_file)
-            for split in (task_data.TRAIN_SPLIT[name], *task_data.EVAL_SPLITS[name])}
+    by_file = task_files.image_ids_by_file(paths.dataset)
+    read = {split: task_files.read_task(paths.dataset, name, split, by_file)
+            for split in (task_files.TRAIN_SPLIT[name], *task_files.EVAL_SPLITS[name])}
     # Examples whose image is in no region store (skipped as unreadable) cannot be used.
     usable = {split: [ex for ex in examples if all(map(res.has_image, _image_ids(ex)))]
               for split, examples in read.items()}
-    train = usable.pop(task_data.TRAIN_SPLIT[name])
+    train = usable.pop(task_files.TRAIN_SPLIT[name])
     if not train:
         raise DataError(f"{paths.dataset}: {name} has no training example whose images are in the region stores")
     # A small world may leave an evaluation split empty (e.g. no RefCOCO testB expression): it gets no metrics.
@@ -475,19 +490,19 @@ def with_head(model: nn.Module, head: nn.Module | None) -> nn.ModuleDict:
 
 
 def _image_ids(example: Any) -> tuple[int, ...]:
-    if isinstance(example, task_data.NLVR2Example):
+    if isinstance(example, task_files.NLVR2Example):
         return example.left_image_id, example.right_image_id
     return (example.image_id,)
 
 
 def finetune(cfg: Mapping[str, Any], task: str, paths: TaskPaths, *, log: Log = print) -> dict[str, Any]:
     """Fine-tune `paths.weights` on `task` and evaluate it; saves model (+ head) to `paths.save_to` if set."""
-    if task not in task_data.TASKS:
-        raise ValueError(f"unknown downstream task {task!r}; tasks: {', '.join(task_data.TASKS)}")
+    if task not in task_files.TASKS:
+        raise ValueError(f"unknown downstream task {task!r}; tasks: {', '.join(task_files.TASKS)}")
     started = time.monotonic()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # Dropout draws from the global generator: seeded per (seed, task), as are the heads' initialisation.
-    seed = cfg["seed"] * 1000 + task_data.TASKS.index(task)
+    seed = cfg["seed"] * 1000 + task_files.TASKS.index(task)
     torch.manual_seed(seed)
     res = Resources(cfg, paths, device)
     if task == "retrieval":

@@ -9,7 +9,8 @@ the interface every method implements (`mvptr.models.base`), so that all methods
              cross-modal layers (`model.fuse(..., num_layers=layer)`; an early layer, where the regions
              still carry their own content)
     retrieval  the model's own contrastive embeddings and ITM head (no new head)
-MLPHead is VinVL/Oscar's classifier: Linear(in -> 2 in) - GELU - LayerNorm - Linear(2 in -> out).
+MLPHead (`mvptr.objectives.heads`) is VinVL/Oscar's classifier: Linear(in -> 2 in) - GELU - LayerNorm -
+Linear(2 in -> out).
 
 Use:
     tokens = model.encode_text(input_ids, attention_mask).tokens
@@ -22,21 +23,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mvptr.models.base import VLModel
-
-
-class MLPHead(nn.Sequential):
-    """Linear(in -> 2 in) - GELU - LayerNorm - Linear(2 in -> out), BERT-initialised (N(0, std), zero bias)."""
-
-    def __init__(self, in_dim: int, out_dim: int, layer_norm_eps: float = 1e-12, std: float = 0.02) -> None:
-        hidden = 2 * in_dim
-        super().__init__(nn.Linear(in_dim, hidden), nn.GELU(), nn.LayerNorm(hidden, eps=layer_norm_eps),
-                         nn.Linear(hidden, out_dim))
-        for module in (self[0], self[3]):
-            nn.init.normal_(module.weight, 0.0, std)
-            nn.init.zeros_(module.bias)
 
 
 def pooled(model: VLModel, text_hidden: Tensor, text_mask: Tensor, images: Mapping[str, Tensor]) -> Tensor:

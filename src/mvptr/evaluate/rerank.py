@@ -141,6 +141,9 @@ def itm_pair_scorer(model: VLModel, enc: SplitEncoding, trim_padding: bool = Tru
             texts, t_mask = texts[:, keep], t_mask[:, keep]
             keep = image.region_mask.any(dim=0)
             image = image._replace(regions=image.regions[:, keep], region_mask=image.region_mask[:, keep])
+            if image.tag_mask is not None:
+                keep = image.tag_mask.any(dim=0)
+                image = image._replace(tags=image.tags[:, keep], tag_mask=image.tag_mask[:, keep])
         return model.match_logits(model.fuse(texts, t_mask, image))[:, 1]
 
     return score

@@ -36,12 +36,15 @@ def chance_recalls(text_to_image: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)
 
 
 def zero_shot_retrieval(cfg: Mapping[str, Any], paths: Artifacts, weights: Path,
-                        split: str = "test") -> dict[str, Any]:
+                        split: str = "test") -> dict[str, Any] | None:
+    """Zero-shot recalls of the weights on `split`; None for a model without contrastive embeddings (SemVLP)."""
     from mvptr.models import build_model
 
     inputs = PairInputs.from_artifacts(cfg, paths.dataset, paths.concepts, paths.vocab)
     pairs = PairDataset(inputs, Path(paths.regions) / f"{split}.h5", split)
     model = build_model(cfg, inputs.vocab_size, pairs.store.feature_dim)
+    if not model.has_contrastive:
+        return None
     load_model(model, str(weights))
     enc = encode_split(model, pairs, torch.device("cpu"))
     return {"split": split, "images": len(enc.image_ids), "texts": len(enc.caption_ids),

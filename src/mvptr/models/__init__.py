@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 METHODS = {
     "mvptr": "mvptr.models.mvptr:MVPTRModel",
     "simla": "mvptr.models.simla:SIMLAModel",
+    "semvlp": "mvptr.models.semvlp:SemVLPModel",
 }
 
 

@@ -16,6 +16,10 @@ a model file (`mvptr.models.<name>`), a config file (`configs/methods/<name>.yam
     text_embedding(text), image_embedding(image)      L2-normalised (B, P) contrastive embeddings
     contrastive_embeddings(text, image)               both
     heads[name]                                       the heads the objectives declared (`Objective.head`)
+    has_contrastive                                   whether the model has contrastive embeddings (SemVLP has
+                                                      none: its retrieval scores every pair by ITM)
+    step_mode(step)                                   context of one pre-training step, yielding the name of
+                                                      the step's mode (SemVLP: single / two stream; else None)
 
 Every model is a transformers `PreTrainedModel` with its `PreTrainedConfig`: `save_pretrained` /
 `from_pretrained` and `gradient_checkpointing_enable()` work as users of that library expect. The heads are
@@ -25,7 +29,8 @@ modules; the LM head, where there is one, is tied to the shared word embeddings.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -53,7 +58,12 @@ class ImageEncoding(NamedTuple):
     cls: Tensor  # (B, H) the global image vector (the visual [CLS])
     regions: Tensor  # (B, R, H) the region states
     region_mask: Tensor  # (B, R) bool, True on real regions
-    tags: Tensor | None = None  # (B, T, H) the object-tag states, for methods that encode tags (MVPTR)
+    tags: Tensor | None = None  # (B, T, H) the object-tag states, for methods that encode tags (MVPTR, SemVLP)
+    tag_mask: Tensor | None = None  # (B, T) bool, True on real tag slots (where a method's fusion reads the tags)
+
+    def rows(self, index: Tensor) -> ImageEncoding:
+        """The encodings of the images `index` (a negative's image, the images of a batch's questions)."""
+        return type(self)(*(None if part is None else part[index] for part in self))
 
 
 class Fusion(NamedTuple):
@@ -283,6 +293,26 @@ class VLModel(PreTrainedModel):
 
     def contrastive_embeddings(self, text: TextEncoding, image: ImageEncoding) -> tuple[Tensor, Tensor]:
         return self.text_embedding(text), self.image_embedding(image)
+
+    @property
+    def has_contrastive(self) -> bool:
+        """Whether an objective gave the model contrastive embeddings (MVPTR's VSC, SIMLA's ITC)."""
+        return "contrastive" in self.heads
+
+    @contextlib.contextmanager
+    def step_mode(self, step: int) -> Iterator[str | None]:
+        """The context in which pre-training step `step` runs, yielding the name of its mode for the logs; a
+        method with one way of fusing has no modes (None). SemVLP alternates single- and two-stream steps."""
+        yield None
+
+
+def masked_region_states(regions: Tensor, batch: Batch, mask_embedding: Tensor) -> Tensor:
+    """(B, R, H) the region embeddings with those where `batch["masked_regions"]` (B, R) is True replaced by the
+    learned `mask_embedding` (H,) (masked region modelling: SIMLA's XMM, SemVLP's MOP); unchanged without it."""
+    if "masked_regions" not in batch:
+        return regions
+    masked = batch["masked_regions"].bool()[..., None]
+    return torch.where(masked, mask_embedding.to(regions.dtype), regions)
 
 
 def run_stack(encoder: BertEncoder, hidden: Tensor, mask: Tensor, num_layers: int | None = None,

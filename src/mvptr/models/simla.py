@@ -46,6 +46,7 @@ from mvptr.models.base import (
     VLConfig,
     VLModel,
     bidirectional,
+    masked_region_states,
     run_stack,
 )
 from mvptr.models.bert_init import HEAD_PREFIXES, bert_layer_sources
@@ -112,10 +113,8 @@ class SIMLAModel(VLModel):
         """The image encoder over `[CLS] regions`; regions where `batch["masked_regions"]` (B, R) is True are
         replaced by the learned mask embedding first (XMM)."""
         region_mask = batch["region_mask"].bool()
-        regions = self.region_embeddings(batch["region_feats"], batch["region_boxes"])
-        if "masked_regions" in batch:
-            masked = batch["masked_regions"].bool()[..., None]
-            regions = torch.where(masked, self.region_mask_embedding.to(regions.dtype), regions)
+        regions = masked_region_states(self.region_embeddings(batch["region_feats"], batch["region_boxes"]), batch,
+                                       self.region_mask_embedding)
         cls = self.image_cls.to(regions.dtype).expand(regions.shape[0], 1, -1)
         mask = torch.cat([region_mask.new_ones(region_mask.shape[0], 1), region_mask], dim=1)
         hidden = run_stack(self.image_encoder, torch.cat([cls, regions], dim=1), mask)

@@ -9,6 +9,7 @@ options; nothing else lists them. From the modules the project derives what was 
     the schema of their options        `Objective.options_schema` (added to the config schema, see config.py)
     the model's heads                  `Objective.head_name` / `Objective.head(config)` (`build_heads`)
     the momentum model                 `Objective.uses_momentum` (SIMLA's distillation; `mvptr.objectives.momentum`)
+    questions in the batches           `Objective.uses_questions` (SemVLP's QA; `mvptr.questions`)
 Lookup is by module name (`load_objective`): no registry filled by import side effects.
 
 Batch (a mapping of tensors; B pairs, L text slots, T tag slots, R region slots):
@@ -25,6 +26,7 @@ Batch (a mapping of tensors; B pairs, L text slots, T tag slots, R region slots)
     region_tags     (B, R) long   each region's object tag as its first word piece (0 on padding)
     image_ids       (B,) long     which image each pair shows (duplicates are never negatives)
     caption_ids     (B,) long     optional: which caption (identical token ids also count as the same caption)
+    question_ids, question_mask, answer_scores, has_question   when an objective uses questions (`mvptr.questions`)
 
 An objective's `forward(model, batch, encoded, ctx)` returns `(loss, logs)`: a scalar tensor and a dict of
 detached scalars; `mvptr.objectives.step.PretrainStep` sums the weighted losses.
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
 Batch = Mapping[str, Tensor]
 Logs = dict[str, Tensor]
 # Modules of this package that are helpers, not objectives.
-_HELPERS = {"heads", "masking", "momentum", "sampling", "step"}
+_HELPERS = {"heads", "masking", "momentum", "reconstruction", "sampling", "step"}
 
 
 @dataclass
@@ -98,6 +100,8 @@ class Objective(nn.Module):
     stage: ClassVar[int] = 2
     uses_pairs: ClassVar[bool] = True
     uses_momentum: ClassVar[bool] = False
+    # The pairs' batches carry a VQA training question each (`mvptr.questions`, SemVLP's QA).
+    uses_questions: ClassVar[bool] = False
     head_name: ClassVar[str | None] = None
     # JSON-schema properties of the options besides `weight` (all required).
     options_schema: ClassVar[dict[str, Any]] = {}
@@ -105,6 +109,11 @@ class Objective(nn.Module):
     def __init__(self, options: Mapping[str, Any], config: VLConfig) -> None:
         super().__init__()
         self.options = dict(options)
+
+    @classmethod
+    def schema_with(cls, objectives: Sequence[str]) -> dict[str, Any]:
+        """`options_schema` given the method's other objectives (an option may need one of them)."""
+        return cls.options_schema
 
     @classmethod
     def head(cls, config: VLConfig) -> nn.Module | None:
@@ -138,14 +147,20 @@ def load_objective(name: str) -> type[Objective]:
     return importlib.import_module(f"{__name__}.{name}").OBJECTIVE
 
 
-def options_schema(name: str) -> dict[str, Any]:
-    """The JSON schema of `pretrain.objectives.<name>`: its weight and its own options, all required."""
+def options_schema(name: str, objectives: Sequence[str] = ()) -> dict[str, Any]:
+    """The JSON schema of `pretrain.objectives.<name>`: its weight and its own options, all required, given the
+    method's `objectives`."""
     cls = load_objective(name)
     properties = {"weight": {"type": "number", "minimum": 0,
                              "description": "weight of the objective in the summed loss (0 = off)"},
-                  **cls.options_schema}
+                  **cls.schema_with(objectives)}
     return {"type": "object", "additionalProperties": False, "required": sorted(properties),
             "properties": properties}
+
+
+def uses_questions(names: list[str]) -> bool:
+    """Whether any of the objectives `names` reads questions from the batches."""
+    return any(load_objective(name).uses_questions for name in names)
 
 
 def build_heads(config: VLConfig) -> nn.ModuleDict:

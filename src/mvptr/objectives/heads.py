@@ -3,7 +3,8 @@
 Why one place: MVPTR's MCR and MLM and SIMLA's MLM and XMM all predict word pieces with the LM head tied to the
 shared word embeddings; MVPTR's VSC and SIMLA's ITC both project the text [CLS] and the image vector for a
 contrastive loss; every method's ITM judges a pair from the pooled joint vector. An objective names the head
-it needs (`Objective.head_name`: "lm", "itm", "contrastive"); the model builds each named head once.
+it needs (`Objective.head_name`: "lm", "itm", "contrastive"); the model builds each named head once. `MLPHead` is
+VinVL's classifier, on the pooled joint vector of SemVLP's QA objective and of the downstream task heads.
 
 Use: `model.heads["lm"](hidden)`, `model.match_logits(fusion)`, `model.contrastive_embeddings(text, image)`
 """
@@ -69,3 +70,15 @@ class ContrastiveHead(nn.Module):
     @torch.no_grad()
     def clamp_temperature(self, low: float = TEMPERATURE_RANGE[0], high: float = TEMPERATURE_RANGE[1]) -> None:
         self.temperature.clamp_(low, high)
+
+
+class MLPHead(nn.Sequential):
+    """Linear(in -> 2 in) - GELU - LayerNorm - Linear(2 in -> out), BERT-initialised (N(0, std), zero bias)."""
+
+    def __init__(self, in_dim: int, out_dim: int, layer_norm_eps: float = 1e-12, std: float = 0.02) -> None:
+        hidden = 2 * in_dim
+        super().__init__(nn.Linear(in_dim, hidden), nn.GELU(), nn.LayerNorm(hidden, eps=layer_norm_eps),
+                         nn.Linear(hidden, out_dim))
+        for module in (self[0], self[3]):
+            nn.init.normal_(module.weight, 0.0, std)
+            nn.init.zeros_(module.bias)

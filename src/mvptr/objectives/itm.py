@@ -30,13 +30,14 @@ Use: `loss, logs = itm_loss(model, batch, encoded, sampling="argmax", generator=
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mvptr.objectives import Batch, Logs, Objective, PairEncoding, StepContext
+from mvptr.objectives import Batch, Logs, Objective, PairEncoding, StepContext, load_objective
 from mvptr.objectives.heads import itm_head
 from mvptr.objectives.sampling import allowed_negatives, permutation, pick_negatives
 from mvptr.objectives.vsc import similarity
@@ -68,11 +69,6 @@ def negative_pairs(scores: Tensor, allowed: Tensor, sampling: str = "argmax",
     return text_index[keep], image_index[keep]
 
 
-def _pick(image: Any, index: Tensor) -> Any:
-    """The rows `index` of every tensor of an ImageEncoding."""
-    return type(image)(*(None if part is None else part[index] for part in image))
-
-
 def _concat(first: Fusion, second: Fusion) -> Fusion:
     return type(first)(*(torch.cat([a, b]) for a, b in zip(first, second, strict=True)))
 
@@ -83,7 +79,11 @@ def itm_loss(model: VLModel, batch: Batch, encoded: PairEncoding | None = None, 
     """Cross-entropy of the ITM head on the matched pairs and one negative per sample."""
     if encoded is None:
         encoded = PairEncoding(model, batch)
-    scores = similarity(model, encoded)
+    if sampling == "random":  # the scores are not read: a model without contrastive embeddings can sample too
+        scores = torch.zeros(batch["input_ids"].shape[0], batch["input_ids"].shape[0],
+                             device=batch["input_ids"].device)
+    else:
+        scores = similarity(model, encoded)
     if sampling == "softmax":
         scores = scores / model.heads["contrastive"].temperature.detach()
     allowed = allowed_negatives(batch, allow_duplicates).to(scores.device)
@@ -93,7 +93,7 @@ def itm_loss(model: VLModel, batch: Batch, encoded: PairEncoding | None = None, 
     num_negatives = text_index.shape[0]
     if num_negatives:  # a batch of one image's captions has none, and BERT layers reject an empty batch
         negatives = model.fuse(encoded.text.tokens[text_index], batch["attention_mask"][text_index],
-                               _pick(encoded.image, image_index))
+                               encoded.image.rows(image_index))
         joint = _concat(joint, negatives)
     logits = model.match_logits(joint)
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
@@ -116,6 +116,16 @@ class ITM(Objective):
                                                                 "and one for the image (ALBEF, SIMLA)"},
     }
     head = staticmethod(itm_head)
+
+    @classmethod
+    def schema_with(cls, objectives: Sequence[str]) -> dict[str, Any]:
+        """Hard (argmax) and similarity-sampled (softmax) negatives need contrastive embeddings: without an
+        objective that gives the model some (SemVLP), only random."""
+        if any(load_objective(name).head_name == "contrastive" for name in objectives):
+            return cls.options_schema
+        return {**cls.options_schema, "sampling": {
+            "enum": ["random"], "description": "how negatives are picked (random only: no objective of the method "
+                                               "gives it contrastive embeddings to pick hard negatives by)"}}
 
     def forward(self, model: VLModel, batch: Batch, encoded: PairEncoding | None,
                 ctx: StepContext) -> tuple[Tensor, Logs]:

@@ -13,11 +13,13 @@ Use:
     step = PretrainStep(model, stage_objectives(cfg, 2), cfg["pretrain"]["objectives"], generator,
                         **momentum_options(cfg))
     loss, logs = step(batch, step=done)      # then backward, optimizer.step(), and:
+                                             # (a method with modes runs the step in its mode, logged apart)
     step.after_step()                        # the EMA update of the momentum model
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +45,9 @@ class PretrainStep(nn.Module):
 
     def __init__(self, model: VLModel, objectives: Sequence[str], options: Mapping[str, Mapping[str, Any]],
                  generator: torch.Generator | None = None, momentum: float | None = None,
-                 ramp_steps: int = 0) -> None:
+                 ramp_steps: int = 0, scheduled_modes: bool = True) -> None:
+        """`scheduled_modes`: run each step in the mode the method's schedule gives it (`VLModel.step_mode`,
+        pre-training); False keeps the model's own mode (fine-tuning, in the method's downstream mode)."""
         super().__init__()
         if not objectives:
             raise ValueError("a training stage needs at least one objective with a weight above 0")
@@ -59,20 +63,26 @@ class PretrainStep(nn.Module):
         self.momentum = Momentum(model, momentum) if distils else None
         self.ramp_steps = ramp_steps
         self.uses_pairs = any(objective.uses_pairs for objective in self.objectives.values())
+        self.scheduled_modes = scheduled_modes
 
     def forward(self, batch: Mapping[str, Tensor], step: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
         ctx = StepContext(generator=self.generator, step=step,
                           momentum=self.momentum.model if self.momentum is not None else None,
                           ramp=min(1.0, step / self.ramp_steps) if self.ramp_steps else 1.0)
-        encoded = PairEncoding(self.model, batch) if self.uses_pairs else None
         total: Tensor | None = None
         logs: dict[str, Tensor] = {}
-        for name, objective in self.objectives.items():
-            loss, objective_logs = objective(self.model, batch, encoded, ctx)
-            weighted = self.weights[name] * loss
-            total = weighted if total is None else total + weighted
-            logs.update({f"loss_{name}": loss.detach(), **{k: v for k, v in objective_logs.items() if k != name}})
+        with self.model.step_mode(step) if self.scheduled_modes else contextlib.nullcontext() as mode:
+            encoded = PairEncoding(self.model, batch) if self.uses_pairs else None
+            for name, objective in self.objectives.items():
+                loss, objective_logs = objective(self.model, batch, encoded, ctx)
+                weighted = self.weights[name] * loss
+                total = weighted if total is None else total + weighted
+                logs.update({f"loss_{name}": loss.detach(), **{k: v for k, v in objective_logs.items() if k != name}})
         logs["loss"] = total.detach()
+        if mode is not None:
+            # Each mode's losses apart as well (SemVLP): `loss_mlm/single`, `loss/two`, ... (averaged by the
+            # trainer over the steps of that mode only).
+            logs.update({f"{key}/{mode}": value for key, value in list(logs.items())})
         return total, logs
 
     @torch.no_grad()

@@ -30,36 +30,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mvptr.objectives import Batch, Logs, Objective, PairEncoding, StepContext, distill_weight, share
-from mvptr.objectives.mlm import distilled_cross_entropy
-from mvptr.objectives.sampling import uniform
+from mvptr.objectives.reconstruction import TARGETS, ReconstructionHead, mask_regions, reconstruction_loss
 
 if TYPE_CHECKING:
-    from mvptr.models.base import VLConfig, VLModel
-
-
-class ReconstructionHead(nn.Module):
-    """From a reconstructed region state: tag logits over the shared table, and the region's feature."""
-
-    def __init__(self, config: VLConfig) -> None:
-        super().__init__()
-        self.tag = nn.Linear(config.hidden_size, config.vocab_size)
-        self.feature = nn.Linear(config.hidden_size, config.region_feature_dim)
-
-
-def mask_regions(region_mask: Tensor, prob: float, generator: torch.Generator | None = None) -> Tensor:
-    """(B, R) bool: each real region with probability `prob`, and one uniformly chosen real region of every
-    image where none was picked."""
-    real = region_mask.bool()
-    picked = real & (uniform(real.shape, region_mask, generator) < prob)
-    # A fallback pick per image: the real region with the highest uniform draw.
-    draws = uniform(real.shape, region_mask, generator).masked_fill(~real, -1.0)
-    fallback = torch.zeros_like(real).scatter_(1, draws.argmax(dim=1, keepdim=True), True) & real
-    need = real.any(dim=1) & ~picked.any(dim=1)
-    return picked | (fallback & need[:, None])
+    from mvptr.models.base import VLModel
 
 
 def reconstructed(model: VLModel, batch: Batch, masked: Tensor) -> Tensor:
@@ -74,7 +51,7 @@ class XMM(Objective):
     head_name = "xmm"
     options_schema = {
         "mask_prob": share("share of each image's regions masked (at least one)"),
-        "target": {"enum": ["tag", "feature", "both"],
+        "target": {"enum": list(TARGETS),
                    "description": "what a masked region is reconstructed as: its tag, its feature, or both"},
         "distill": distill_weight("weight of the momentum model's tag predictions as soft targets (SIMLA 0.4)"),
     }
@@ -89,26 +66,12 @@ class XMM(Objective):
         target = self.options["target"]
         masked = mask_regions(batch["region_mask"], self.options["mask_prob"], ctx.generator)
         states = reconstructed(model, batch, masked)
-        head = model.heads["xmm"]
-        loss = states.sum() * 0.0  # a batch without regions still reaches every parameter of the step
-        logs: Logs = {"xmm_masked": masked.float().sum()}
-        if states.shape[0] and target in ("tag", "both"):
-            logits, labels = head.tag(states).float(), batch["region_tags"][masked]
-            alpha = self.options["distill"] * ctx.ramp
-            if alpha > 0 and ctx.momentum is not None:
-                with torch.no_grad():
-                    teacher_logits = ctx.momentum.heads["xmm"].tag(reconstructed(ctx.momentum, batch, masked)).float()
-                tag_loss = distilled_cross_entropy(logits, labels, teacher_logits, alpha)
-            else:
-                tag_loss = F.cross_entropy(logits, labels)
-            logs["xmm_tag"] = tag_loss.detach()
-            logs["xmm_tag_accuracy"] = (logits.argmax(dim=1) == labels).float().mean()
-            loss = loss + tag_loss
-        if states.shape[0] and target in ("feature", "both"):
-            feature_loss = F.mse_loss(head.feature(states).float(), batch["region_feats"][masked].float())
-            logs["xmm_feature"] = feature_loss.detach()
-            loss = loss + feature_loss
-        return loss, logs
+        alpha = self.options["distill"] * ctx.ramp
+        teacher_logits = None
+        if states.shape[0] and target != "feature" and alpha > 0 and ctx.momentum is not None:
+            with torch.no_grad():
+                teacher_logits = ctx.momentum.heads["xmm"].tag(reconstructed(ctx.momentum, batch, masked)).float()
+        return reconstruction_loss(model.heads["xmm"], states, batch, masked, target, "xmm", teacher_logits, alpha)
 
 
 OBJECTIVE = XMM

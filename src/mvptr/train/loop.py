@@ -40,8 +40,11 @@ from mvptr.atomic import atomic_write_json
 from mvptr.data.order import batch_indices
 from mvptr.models import build_model
 from mvptr.models.base import VLModel
+from mvptr.objectives import uses_questions
 from mvptr.objectives.step import PretrainStep, momentum_options
 from mvptr.pairs import PairDataset, PairInputs, collate
+from mvptr.questions import QuestionBank
+from mvptr.regions.store import RegionStore
 from mvptr.train.checkpoint import load_state, save_state
 from mvptr.train.distributed import Env, setup_distributed, teardown_distributed
 from mvptr.train.optim import build_optimizer
@@ -147,16 +150,25 @@ def train_stage(cfg: Mapping[str, Any], stage: int, paths: StagePaths, *, log: L
     ckpt_dir = Path(paths.ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     inputs = PairInputs.from_artifacts(cfg, paths.dataset, paths.concepts, paths.vocab)
-    pairs = PairDataset(inputs, Path(paths.regions) / "train.h5", "train")
-    model = build_model(cfg, inputs.vocab_size, pairs.store.feature_dim)
+    objectives = stage_objectives(cfg, stage)
+    model = build_model(cfg, inputs.vocab_size, RegionStore(Path(paths.regions) / "train.h5").feature_dim)
+    questions = None
+    if uses_questions(objectives):
+        questions = QuestionBank.from_dataset(paths.dataset, inputs.tokenizer, inputs.splits,
+                                              model.config.qa_answers, pcfg["max_words"])
+        log(f"stage {stage}: QA on {questions.counts['questions']} VQA training questions of "
+            f"{questions.counts['images']} pre-training images, {questions.counts['answers']} answers "
+            f"({questions.counts['dropped_held_out']} questions of validation or test images left out)")
+    pairs = PairDataset(inputs, Path(paths.regions) / "train.h5", "train", questions)
     initialise(model, cfg, stage, paths.init_weights, log)
     model.to(env.device)
-    objectives = stage_objectives(cfg, stage)
     total_steps = scfg["steps"] if objectives else 0
     started = time.monotonic()
     result: dict[str, Any] = {"stage": stage, "method": cfg["method"]["name"], "objectives": objectives,
                               "steps": total_steps, "world_size": env.world_size, "train_pairs": len(pairs),
                               "history": []}
+    if questions is not None:
+        result["questions"] = questions.counts
     if total_steps == 0:
         log(f"stage {stage}: no objective to train (schedule {pcfg['schedule']}); saving the initialised model")
     else:
