@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import quiet, run_mvptr
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, load_model, save_model
 
 # The tiny world, concepts, vocabulary and region stores, built through the CLI as the workflow builds them.
 from mvptr.config import load_config
@@ -24,7 +24,7 @@ from mvptr.data import task_files
 from mvptr.data.coco import read_json
 from mvptr.data.vqa_answers import answer_vocabulary
 from mvptr.errors import DataError
-from mvptr.evaluate.finetune import TaskPaths, finetune, flat_metrics, iou_targets
+from mvptr.evaluate.finetune import TaskPaths, finetune, flat_metrics, iou_targets, with_head
 from mvptr.models import build_model
 from mvptr.regions.store import RegionStore
 
@@ -215,6 +215,34 @@ def test_each_task_fine_tunes_and_reports_metrics_in_range(stage0, task, tmp_pat
     saved = load_file(str(tmp_path / "model.safetensors"))
     assert any(k.startswith("model.cross_encoder.") for k in saved)
     assert any(k.startswith("head.") for k in saved) == (task in ("vqa", "ve", "nlvr2"))
+
+
+def test_a_method_without_contrastive_embeddings_ranks_every_test_pair_by_itm(stage0, tmp_path):
+    """SemVLP: ITM fine-tuned with random negatives, every (image, text) pair scored, in its downstream mode; the
+    recalls are those of the exhaustive ITM scores of the fine-tuned weights."""
+    from mvptr.evaluate.encode import encode_split
+    from mvptr.evaluate.metrics import retrieval_recalls
+    from mvptr.evaluate.rerank import exhaustive_scores, itm_pair_scorer
+    from mvptr.pairs import PairDataset, PairInputs
+
+    cfg = load_config([*SMALL, "method.name=semvlp", "method.qa_answers=50", "method.downstream_mode=two"])
+    feature_dim = RegionStore(stage0["regions"] / "train.h5").feature_dim
+    weights = tmp_path / "semvlp.safetensors"
+    save_model(build_model(cfg, read_json(stage0["vocab"])["embedding_rows"], feature_dim), str(weights))
+    task_paths = TaskPaths(stage0["dataset"], stage0["concepts"], stage0["vocab"], stage0["regions"], weights,
+                           tmp_path / "tuned.safetensors")
+    result = finetune(cfg, "retrieval", task_paths, log=quiet)
+    metrics = result["splits"]["test"]
+    assert metrics["ranking"] == "exhaustive_itm" and "zero_shot" not in metrics and "fine_tuned_vsc" not in metrics
+    assert metrics["pairs_scored"] == metrics["images"] * metrics["texts"]
+    assert metrics["rerank_pairs"] == 5 * metrics["images"] + 3 * metrics["texts"]
+    inputs = PairInputs.from_artifacts(cfg, stage0["dataset"], stage0["concepts"], stage0["vocab"])
+    model = build_model(cfg, inputs.vocab_size, feature_dim)
+    load_model(with_head(model, None), str(tmp_path / "tuned.safetensors"))
+    assert model.mode == "two"
+    enc = encode_split(model, PairDataset(inputs, stage0["regions"] / "test.h5", "test"), torch.device("cpu"))
+    scores = exhaustive_scores(len(enc.image_ids), len(enc.caption_ids), itm_pair_scorer(model, enc))
+    assert metrics["fine_tuned_itm"] == pytest.approx(retrieval_recalls(scores, enc.text_to_image))
 
 
 def test_same_seed_gives_the_same_result(stage0):

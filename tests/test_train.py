@@ -33,6 +33,12 @@ SMALL = ["model.hidden_size=32", "model.num_text_layers=1", "model.num_visual_la
          "pretrain.stage1.steps=3", "pretrain.stage2.steps=20", "pretrain.stage2.warmup_steps=2"]
 
 
+# Blocks of 3 steps, so that the resumed step 10 is in the middle of a two-stream block (steps 9-11); a small QA
+# head.
+SEMVLP = ["method.name=semvlp", "method.mode_block=3", "method.qa_answers=50"]
+METHOD_OVERRIDES = {"mvptr": [], "simla": ["method.name=simla"], "semvlp": SEMVLP}
+
+
 def paths(artifacts: dict[str, Path], ckpt_dir: Path, init: Path | None = None) -> StagePaths:
     return StagePaths(artifacts["dataset"], artifacts["concepts"], artifacts["vocab"], artifacts["regions"], ckpt_dir,
                       init_weights=init)
@@ -50,6 +56,14 @@ def simla_stage1(artifacts: dict[str, Path], tmp_path_factory: pytest.TempPathFa
     """SIMLA trains in one pass: its stage one saves the initialised model."""
     ckpt = tmp_path_factory.mktemp("simla_stage1")
     train_stage(load_config([*SMALL, "method.name=simla"]), 1, paths(artifacts, ckpt), log=quiet)
+    return ckpt / FINAL_WEIGHTS
+
+
+@pytest.fixture(scope="module")
+def semvlp_stage1(artifacts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SemVLP trains in one pass too."""
+    ckpt = tmp_path_factory.mktemp("semvlp_stage1")
+    train_stage(load_config([*SMALL, *SEMVLP]), 1, paths(artifacts, ckpt), log=quiet)
     return ckpt / FINAL_WEIGHTS
 
 
@@ -99,11 +113,13 @@ train_stage(load_config(sys.argv[7:]), 2, StagePaths(*args[:5], init_weights=arg
 """
 
 
-@pytest.mark.parametrize("method", ["mvptr", "simla"])
-def test_sigkill_and_resume_gives_the_weights_of_a_straight_run(artifacts, stage1, simla_stage1, tmp_path, method):
-    """Also SIMLA's momentum model, ITC queue and its pointer: the whole step state ends the same."""
-    overrides = [*SMALL, f"method.name={method}"]
-    init = {"mvptr": stage1, "simla": simla_stage1}[method]
+@pytest.mark.parametrize("method", ["mvptr", "simla", "semvlp"])
+def test_sigkill_and_resume_gives_the_weights_of_a_straight_run(artifacts, stage1, simla_stage1, semvlp_stage1,
+                                                                 tmp_path, method):
+    """Also SIMLA's momentum model, ITC queue and its pointer: the whole step state ends the same; SemVLP resumes
+    in the mode its schedule gives the step."""
+    overrides = [*SMALL, *METHOD_OVERRIDES[method]]
+    init = {"mvptr": stage1, "simla": simla_stage1, "semvlp": semvlp_stage1}[method]
     cfg = load_config(overrides)
     straight = train_stage(cfg, 2, paths(artifacts, tmp_path / "straight", init), log=quiet)
     assert straight["completed"]
@@ -131,6 +147,13 @@ def test_sigkill_and_resume_gives_the_weights_of_a_straight_run(artifacts, stage
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst <= 1e-6, worst
+    if method == "semvlp":  # every step, the resumed ones included, logged under the straight run's mode
+        def modes(history: list[dict]) -> list[str]:
+            return [next(key.split("/")[1] for key in h if key.startswith("loss/")) for h in history]
+
+        assert modes(resumed["history"]) == modes(straight["history"]) == [
+            "single" if (step // 3) % 2 == 0 else "two" for step in range(20)]
+        assert resumed["questions"]["questions"] > 0
     # The last checkpoint holds the whole step: model, momentum model, queues and pointers.
     a, b = (load_state(folder, 0)["step_module"] for folder in (tmp_path / "straight", ckpt))
     assert a.keys() == b.keys()

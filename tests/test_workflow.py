@@ -1,5 +1,5 @@
 """The Snakemake workflow: lint, formatting, dry runs (job counts of a method x ablation grid, single-rule reruns),
-and a real run of the whole DAG, both methods, on the tiny world with a shrunken model and a few training steps."""
+and a real run of the whole DAG, every method, on the tiny world with a shrunken model and a few training steps."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from mvptr.config import dataset_dir, load_config
 
 BIN = Path(sys.executable).parent
 TINY = "dataset={synthetic: {size: tiny}}"
-# The whole DAG in a few minutes: tiny world, 1+1+1 layers at width 32, a few steps of 8 pairs, both methods
+# The whole DAG in a few minutes: tiny world, 1+1+1 layers at width 32, a few steps of 8 pairs, every method
 # as configured (tests that need several ablations say so).
-METHODS = ("mvptr", "simla")
+METHODS = ("mvptr", "simla", "semvlp")
 TASKS = ("retrieval", "vqa", "ve", "rec", "nlvr2")
 FAST = [TINY, "ablations=[full]", f"methods=[{', '.join(METHODS)}]",
         "model={hidden_size: 32, num_text_layers: 1, num_visual_layers: 1, num_cross_layers: 1, "
@@ -100,13 +100,17 @@ def test_a_second_run_has_nothing_to_do(tiny_run: Path):
 
 
 @pytest.mark.parametrize("method, objectives", [("mvptr", ["vsc", "itm", "mlm", "wpg"]),
-                                                ("simla", ["itc", "itm", "mlm", "xmm", "psl"])])
+                                                ("simla", ["itc", "itm", "mlm", "xmm", "psl"]),
+                                                ("semvlp", ["mlm", "mop", "itm", "qa"])])
 def test_the_run_trained_both_stages_of_every_method_through_submitit(tiny_run: Path, method: str,
                                                                       objectives: list[str]):
     stage2 = next(tiny_run.glob(f"results/*/{method}/full/pretrain_stage2"))
     metrics = json.loads((stage2 / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["method"] == method and metrics["objectives"] == objectives
-    assert "tr_r_at_1" in metrics["zero_shot"]["recalls"]
+    # Zero-shot retrieval needs contrastive embeddings, which SemVLP has not.
+    assert ("zero_shot" in metrics) == (method != "semvlp")
+    if method != "semvlp":
+        assert "tr_r_at_1" in metrics["zero_shot"]["recalls"]
     assert list(tiny_run.glob(f"results/logs/pretrain_stage2/*/{method}/full.submitit/job.json"))
     for task in TASKS:
         assert next(tiny_run.glob(f"results/*/{method}/full/evaluate/{task}.json")).stat().st_size > 0
@@ -115,19 +119,23 @@ def test_the_run_trained_both_stages_of_every_method_through_submitit(tiny_run: 
 def test_the_summary_has_a_row_per_method(tiny_run: Path):
     lines = next(tiny_run.glob("results/summary/*/ablations.md")).read_text().splitlines()
     assert lines[0].startswith("| method | ablation |")
-    assert [line.split("|")[1:3] for line in lines[2:]] == [[" mvptr ", " full "], [" simla ", " full "]]
+    assert [line.split("|")[1:3] for line in lines[2:]] == [[f" {method} ", " full "] for method in METHODS]
 
 
 def test_methods_and_ablations_share_exactly_the_stage_one_jobs_that_compute_the_same(tmp_path: Path):
-    ablations = "[full, no_pretraining, no_wpg, joint, simla_no_xmm, simla_no_distill]"
-    proc = snakemake("-n", "--config", TINY, "methods=[mvptr, simla]", f"ablations={ablations}", workdir=tmp_path)
+    ablations = ("[full, no_pretraining, no_wpg, joint, simla_no_xmm, simla_no_distill, semvlp_single_only, "
+                 "semvlp_two_only, semvlp_no_qa]")
+    proc = snakemake("-n", "--config", TINY, "methods=[mvptr, simla, semvlp]", f"ablations={ablations}",
+                     workdir=tmp_path)
     assert proc.returncode == 0, proc.stderr
     counts = job_counts(proc.stdout)
-    # Runs: full and no_pretraining for both methods, no_wpg and joint for MVPTR, the two SIMLA ablations: 8.
-    # Stage one: MVPTR's full and no_wpg share one, its joint and no_pretraining have their own; SIMLA trains in
-    # one pass, so its full, simla_no_xmm and simla_no_distill share one and no_pretraining has its own: 5.
-    assert counts["pretrain_stage1"] == 5 and counts["pretrain_stage2"] == 8, counts
-    assert all(counts[f"evaluate_{task}"] == 8 for task in TASKS), counts
+    # Runs: full and no_pretraining for the three methods, no_wpg and joint for MVPTR, the two SIMLA and the three
+    # SemVLP ablations: 13. Stage one: MVPTR's full and no_wpg share one, its joint and no_pretraining have their
+    # own; SIMLA and SemVLP train in one pass, so each method's full and its ablations (which change stage-two
+    # keys only: objectives' weights and options, SemVLP's mode schedule) share one and no_pretraining has its
+    # own: 3 + 2 + 2 = 7.
+    assert counts["pretrain_stage1"] == 7 and counts["pretrain_stage2"] == 13, counts
+    assert all(counts[f"evaluate_{task}"] == 13 for task in TASKS), counts
     assert counts["prepare_data"] == 1 and counts["extract_region_features"] == 1, counts
     assert counts["summarize"] == 1 and counts["extract_concepts"] == 1, counts
 
@@ -146,8 +154,9 @@ def test_forcing_stage_two_reruns_only_stage_two(tiny_run: Path):
     assert proc.returncode == 0, proc.stderr
     counts = job_counts(proc.stdout)
     # Stage two of `full` of each method, then their evaluations and the summary; nothing upstream.
-    assert counts.pop("pretrain_stage2") == 2 and counts.pop("summarize") == 1 and counts.pop("all") == 1, counts
-    assert counts == {f"evaluate_{task}": 2 for task in TASKS}
+    n = len(METHODS)
+    assert counts.pop("pretrain_stage2") == n and counts.pop("summarize") == 1 and counts.pop("all") == 1, counts
+    assert counts == {f"evaluate_{task}": n for task in TASKS}
 
 
 def test_a_stage_two_override_leaves_stage_one_and_the_data_alone(tiny_run: Path):
@@ -157,5 +166,6 @@ def test_a_stage_two_override_leaves_stage_one_and_the_data_alone(tiny_run: Path
     proc = snakemake("-n", "--config", *fast, workdir=tiny_run)
     assert proc.returncode == 0, proc.stderr
     counts = job_counts(proc.stdout)
-    assert counts.pop("pretrain_stage2") == 2 and counts.pop("summarize") == 1 and counts.pop("all") == 1, counts
-    assert counts == {f"evaluate_{task}": 2 for task in TASKS}
+    n = len(METHODS)
+    assert counts.pop("pretrain_stage2") == n and counts.pop("summarize") == 1 and counts.pop("all") == 1, counts
+    assert counts == {f"evaluate_{task}": n for task in TASKS}
