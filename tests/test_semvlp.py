@@ -211,21 +211,28 @@ def test_mop_loss_by_hand():
 # --- QA -------------------------------------------------------------------------------------------------------------
 
 
-def test_qa_loss_is_the_soft_score_bce_of_the_pairs_with_a_question():
+@pytest.mark.parametrize("kind", ["softmax", "bce"])
+def test_qa_loss_of_the_pairs_with_a_question_by_hand(kind):
     model = tiny_semvlp()
     batch = semvlp_batch()
+    batch["answer_scores"][0, 4] = 0.3  # a second answer of the first question
+    options = {"weight": 1.0, "loss": kind}
     with torch.no_grad():
-        loss, logs = QA({"weight": 1.0}, model.config)(model, batch, None, StepContext())
+        loss, logs = QA(options, model.config)(model, batch, None, StepContext())
         has = batch["has_question"]
         ids, mask = batch["question_ids"][has], batch["question_mask"][has]
         image = model.encode_image(batch).rows(has)
         logits = model.heads["qa"](model.pool(model.fuse(model.encode_text(ids, mask).tokens, mask, image)))
-        expected = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, batch["answer_scores"][has], reduction="sum") / 3
+        scores = batch["answer_scores"][has]
+        if kind == "bce":  # VQA fine-tuning's: summed over the answers, averaged over the questions
+            expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, scores, reduction="sum") / 3
+        else:  # cross-entropy against the normalised scores: question 0 is 1/1.3 answer 0 and 0.3/1.3 answer 4
+            log_probs = torch.log_softmax(logits, dim=1)
+            expected = -(log_probs[0, 0] / 1.3 + 0.3 / 1.3 * log_probs[0, 4] + log_probs[1, 1] + log_probs[2, 2]) / 3
     torch.testing.assert_close(loss, expected)
     assert logs["qa_questions"] == 3
     none = {**batch, "has_question": torch.zeros(4, dtype=torch.bool)}
-    zero, _ = QA({"weight": 1.0}, model.config)(model, none, None, StepContext())
+    zero, _ = QA(options, model.config)(model, none, None, StepContext())
     assert zero.item() == 0.0 and zero.requires_grad
 
 

@@ -19,9 +19,10 @@ from mvptr.objectives.itc import ITC, contrastive_targets, soft_cross_entropy
 from mvptr.objectives.itm import negative_pairs
 from mvptr.objectives.momentum import Momentum
 from mvptr.objectives.psl import PSL, keyword_labels
+from mvptr.objectives.reconstruction import mask_regions
 from mvptr.objectives.sampling import allowed_negatives
 from mvptr.objectives.step import PretrainStep
-from mvptr.objectives.xmm import XMM, mask_regions
+from mvptr.objectives.xmm import XMM
 
 torch.set_num_threads(1)
 

@@ -154,6 +154,11 @@ def test_sigkill_and_resume_gives_the_weights_of_a_straight_run(artifacts, stage
         assert modes(resumed["history"]) == modes(straight["history"]) == [
             "single" if (step // 3) % 2 == 0 else "two" for step in range(20)]
         assert resumed["questions"]["questions"] > 0
+        from mvptr import tracking  # each mode's losses reach MLflow apart, at the steps of that mode
+
+        history = tracking.client().get_metric_history(resumed["mlflow_run_id"], "loss_mop/two")
+        assert sorted({m.step for m in history}) == [s + 1 for s in range(20) if (s // 3) % 2 == 1]
+        assert tracking.client().get_metric_history(resumed["mlflow_run_id"], "loss_qa/single")
     # The last checkpoint holds the whole step: model, momentum model, queues and pointers.
     a, b = (load_state(folder, 0)["step_module"] for folder in (tmp_path / "straight", ckpt))
     assert a.keys() == b.keys()

@@ -24,8 +24,8 @@ Batch keys added by `collate_questions` (`mvptr.pairs.collate` calls it when the
 
 Use:
     bank = QuestionBank.from_dataset(dataset_dir, tokenizer, splits, max_answers=3129, max_words=35)
-    bank.report()                  # {"questions": ..., "images": ..., "dropped_held_out": ..., "answers": ...}
-    item.update(bank.item(index, image_id))
+    bank.counts                    # {"questions": ..., "images": ..., "dropped_held_out": ..., "answers": ...}
+    item.update(bank.item(index, image_id))   # PairDataset does this for pair `index`
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The interface every pre-training method's model implements, and the parts all of them share.
 
-Why: the trainer, the checkpointing, DDP and the whole of `mvptr.evaluate` talk to MVPTR, SIMLA (and later
-SemVLP) through these few methods only, never through a method's attributes, so that a method is a plug-in:
+Why: the trainer, the checkpointing, DDP and the whole of `mvptr.evaluate` talk to MVPTR, SIMLA and SemVLP
+through these few methods only, never through a method's attributes, so that a method is a plug-in:
 a model file (`mvptr.models.<name>`), a config file (`configs/methods/<name>.yaml`) and its objectives
 (`mvptr.objectives.<name>`).
 
@@ -222,8 +222,15 @@ class VLModel(PreTrainedModel):
                                        "heads.lm.decoder.bias": "heads.lm.bias"}
         super().post_init()
 
-    # The state-dict key of the shared word-embedding table.
+    # The state-dict key of the shared word-embedding table (every method's `self.embeddings`, BertEmbeddings).
     word_embeddings_key = "embeddings.word_embeddings.weight"
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def embed_tokens(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """(B, L, H) the shared embeddings of the token ids (positions and token types included)."""
+        return self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -41,7 +41,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertEncoder
 
 from mvptr.models.base import Batch, Fusion, ImageEncoding, RegionEmbeddings, TextEncoding, VLConfig, VLModel, run_stack
@@ -74,9 +74,6 @@ class MVPTRModel(VLModel):
         self.cross_encoder = BertEncoder(config.bert_config(config.num_cross_layers))
         self.region_embeddings = RegionEmbeddings(config)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embeddings.word_embeddings
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> TextEncoding:
         """Text encoder over `[CLS] words concepts [SEP]`: (B, L) ids -> its (B, L, H) output, which the

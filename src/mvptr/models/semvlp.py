@@ -38,7 +38,7 @@ Use:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -52,13 +52,12 @@ from mvptr.models.base import (
     ImageEncoding,
     RegionEmbeddings,
     TextEncoding,
-    VLConfig,
-    VLModel,
     masked_region_states,
     padding_mask,
     run_stack,
 )
 from mvptr.models.bert_init import HEAD_PREFIXES, bert_layer_sources
+from mvptr.models.shared_stack import SharedStackConfig, SharedStackModel
 
 MODES = ("single", "two")
 CROSS_POSITIONS = ("after_self", "before_self")
@@ -75,13 +74,11 @@ def stream_mode(step: int, ratio: Sequence[int], block: int = 1) -> str:
     return "single" if (step // block) % (single + two) < single else "two"
 
 
-class SemVLPConfig(VLConfig):
+class SemVLPConfig(SharedStackConfig):
     """Sizes and options of a SemVLP model (`VLConfig` plus the shared stack, its cross-attention and modes)."""
 
     model_type = "semvlp"
 
-    num_text_layers: int = 6
-    num_cross_layers: int = 6
     # k: the top layers that get a cross-attention sub-layer in two-stream mode (1..layers); None:
     # num_cross_layers.
     cross_attention_layers: int | None = None
@@ -109,10 +106,6 @@ class SemVLPConfig(VLConfig):
         if self.downstream_mode not in MODES:
             raise ValueError(f"downstream_mode {self.downstream_mode!r}: one of {MODES}")
         super().__post_init__(**kwargs)
-
-    @property
-    def num_shared_layers(self) -> int:
-        return self.num_text_layers + self.num_cross_layers
 
     @property
     def cross_layers(self) -> int:
@@ -158,7 +151,7 @@ class CoAttention(GradientCheckpointingLayer):
         return layer.feed_forward_chunk(text), layer.feed_forward_chunk(image)
 
 
-class SemVLPModel(VLModel):
+class SemVLPModel(SharedStackModel):
     """Shared embeddings, the shared layers, the two-stream cross-attention of the top k layers, the heads."""
 
     config: SemVLPConfig
@@ -179,9 +172,6 @@ class SemVLPModel(VLModel):
         with torch.no_grad():
             self.region_mask_embedding.normal_(0.0, self.config.initializer_range)
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embeddings.word_embeddings
-
     @contextlib.contextmanager
     def step_mode(self, step: int) -> Iterator[str | None]:
         """Step `step` runs in the mode of the iterative schedule (`stream_mode`); the mode is restored after."""
@@ -195,7 +185,7 @@ class SemVLPModel(VLModel):
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> TextEncoding:
         """The shared embeddings of the tokens: both modes start from them (SemVLP has no uni-modal text
         vector of its own; `cls` is the [CLS] embedding)."""
-        embedded = self.embeddings(input_ids=input_ids)
+        embedded = self.embed_tokens(input_ids)
         return TextEncoding(cls=embedded[:, 0], tokens=embedded)
 
     def encode_image(self, batch: Batch) -> ImageEncoding:
@@ -209,7 +199,7 @@ class SemVLPModel(VLModel):
         tags = tag_mask = None
         if self.config.use_tags:
             tag_ids = batch["tag_ids"]
-            tags = self.embeddings(input_ids=tag_ids, token_type_ids=torch.ones_like(tag_ids))
+            tags = self.embed_tokens(tag_ids, torch.ones_like(tag_ids))
             tag_mask = batch["tag_mask"].bool()
         return ImageEncoding(cls=cls, regions=regions, region_mask=region_mask, tags=tags, tag_mask=tag_mask)
 
@@ -247,14 +237,6 @@ class SemVLPModel(VLModel):
                 text, image = self.co_attention[index - first_cross](
                     text, image, text_attention, image_attention, text_cross, image_cross, layer=layer)
         return text, image
-
-    @classmethod
-    def fusion_layers(cls, cfg: Mapping[str, Any]) -> int:
-        return cfg["model"]["num_text_layers"] + cfg["model"]["num_cross_layers"]
-
-    @property
-    def num_fusion_layers(self) -> int:
-        return self.config.num_shared_layers
 
     def pretrained_prefixes(self, checkpoint_layers: int) -> dict[str, str]:
         """Model parameter prefix -> BERT checkpoint key prefix, for a checkpoint of L layers:

@@ -30,9 +30,6 @@ Use:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertEncoder
@@ -43,22 +40,19 @@ from mvptr.models.base import (
     ImageEncoding,
     RegionEmbeddings,
     TextEncoding,
-    VLConfig,
-    VLModel,
     bidirectional,
     masked_region_states,
     run_stack,
 )
 from mvptr.models.bert_init import HEAD_PREFIXES, bert_layer_sources
+from mvptr.models.shared_stack import SharedStackConfig, SharedStackModel
 
 
-class SIMLAConfig(VLConfig):
+class SIMLAConfig(SharedStackConfig):
     """Sizes and options of a SIMLA model (`VLConfig` plus the shared stack and the image encoder)."""
 
     model_type = "simla"
 
-    num_text_layers: int = 6
-    num_cross_layers: int = 6
     num_visual_layers: int = 6
     # Layers of the image encoder over the regions; None: num_visual_layers.
     num_image_layers: int | None = None
@@ -66,15 +60,11 @@ class SIMLAConfig(VLConfig):
     projection_dim: int | None = 256
 
     @property
-    def num_shared_layers(self) -> int:
-        return self.num_text_layers + self.num_cross_layers
-
-    @property
     def image_layers(self) -> int:
         return self.num_image_layers or self.num_visual_layers
 
 
-class SIMLAModel(VLModel):
+class SIMLAModel(SharedStackModel):
     """Shared embeddings, the shared text / multimodal stack, the region encoder and the heads of its objectives."""
 
     config: SIMLAConfig
@@ -95,13 +85,6 @@ class SIMLAModel(VLModel):
         with torch.no_grad():
             self.image_cls.normal_(0.0, self.config.initializer_range)
             self.region_mask_embedding.normal_(0.0, self.config.initializer_range)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embeddings.word_embeddings
-
-    def embed_tokens(self, input_ids: Tensor) -> Tensor:
-        """(B, L, H) the shared embeddings of the token ids (positions included)."""
-        return self.embeddings(input_ids=input_ids)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> TextEncoding:
         """The shared stack in text mode for the [CLS] vector; the fusion starts again from the embeddings."""
@@ -132,14 +115,6 @@ class SIMLAModel(VLModel):
         keys, key_mask = self.image_tokens(image)
         text = run_stack(self.encoder, tokens, text_mask, num_layers, keys=keys, key_mask=key_mask)
         return Fusion(text=text, regions=image.regions)
-
-    @classmethod
-    def fusion_layers(cls, cfg: Mapping[str, Any]) -> int:
-        return cfg["model"]["num_text_layers"] + cfg["model"]["num_cross_layers"]
-
-    @property
-    def num_fusion_layers(self) -> int:
-        return self.config.num_shared_layers
 
     def reconstruct_image(self, image: ImageEncoding, text_embeddings: Tensor, text_mask: Tensor) -> Tensor:
         """(B, R, H) XMM's image side: the image tokens through the shared stack as queries, cross-attending to
