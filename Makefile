@@ -5,6 +5,7 @@
 #   make demo                       the Snakemake workflow on configs/default.yaml
 #   make test                       the pytest suite
 #   make pull                       after a clone: dvc pull + dvc status + snakemake --touch (nothing to redo)
+#   make img2dataset                img2dataset in its own environment (.venv-img2dataset), for CC3M/SBU images
 #   make slurm-profile              one-time: lets `snakemake --profile slurm` find workflow/profiles/slurm
 #   make TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126' test   (CUDA build)
 
@@ -18,9 +19,24 @@ STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH_SPEC)' | sha1sum | cut 
 BIN := $(abspath $(VENV))/bin
 RUN := PATH="$(BIN):$$PATH"
 
-.PHONY: demo test lint venv clean-venv slurm-profile pull
+.PHONY: demo test lint venv clean-venv slurm-profile pull img2dataset
 
 venv: $(STAMP)
+
+# img2dataset fetches web-scale image lists (CC3M, SBU). Its dependencies (opencv, wandb, albumentations, an
+# older pandas) clash with the core environment, so it gets its own; the workflow runs it as a command
+# (download.img2dataset=.venv-img2dataset/bin/img2dataset). The tests use it against a loopback server.
+I2D_VENV ?= .venv-img2dataset
+I2D_SPEC ?= img2dataset==1.47.0
+I2D_STAMP := $(I2D_VENV)/.installed-$(shell printf '%s' '$(I2D_SPEC)' | sha1sum | cut -c1-10)
+
+img2dataset: $(I2D_STAMP)
+
+$(I2D_STAMP):
+	test -x $(I2D_VENV)/bin/python || $(PYTHON) -m venv $(I2D_VENV)
+	$(I2D_VENV)/bin/python -m pip install --quiet $(I2D_SPEC)
+	rm -f $(I2D_VENV)/.installed-*
+	touch $@
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -34,7 +50,7 @@ demo: $(STAMP)
 	$(RUN) snakemake --cores $(CORES) --workflow-profile workflow/profiles/default all
 	@cat results/summary/*/ablations.md
 
-test: $(STAMP)
+test: $(STAMP) $(I2D_STAMP)
 	$(RUN) python -m pytest -q tests
 
 lint: $(STAMP)

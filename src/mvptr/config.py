@@ -140,10 +140,19 @@ def overrides_from(config: Mapping[str, Any], base: Mapping[str, Any]) -> list[s
 
 
 def _layer(path: Path, what: str, name: Any) -> dict[str, Any]:
+    """A layer file. A dataset file may also hold a `source:` entry (what to download, mvptr.data.catalog):
+    that is no config and is left out; a file with only a source is no dataset."""
     if not path.is_file():
         choices = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise ConfigError(f"config key {what!r}: no layer named {name!r}; allowed values: {', '.join(choices)}")
-    return read_yaml(path)
+    layer = read_yaml(path)
+    if what == "dataset.name":
+        if "dataset" not in layer:
+            choices = sorted(p.stem for p in path.parent.glob("*.yaml") if "dataset" in read_yaml(p))
+            raise ConfigError(f"config key 'dataset.name': {path} is a download source only, not a dataset (a "
+                              f"corpus names it under dataset.corpus); datasets: {', '.join(choices)}")
+        layer = {key: value for key, value in layer.items() if key != "source"}
+    return layer
 
 
 def compose(base: Mapping[str, Any], overrides: Sequence[str] = (), root: Path | None = None) -> dict[str, Any]:
@@ -326,9 +335,15 @@ def step_keys(cfg: Mapping[str, Any], step: str) -> list[str]:
     return sorted(key for key, cls in classify(cfg).items() if cls in wanted)
 
 
+# Datasets made here or given as a folder; every other dataset name is a corpus of downloaded sources.
+OWN_DATASETS = ("synthetic", "coco_format")
+
+
 def dataset_keys(cfg: Mapping[str, Any]) -> list[str]:
     """The config keys that shape a prepared dataset (and so name its folder)."""
     name = cfg["dataset"]["name"]
+    if name not in OWN_DATASETS:  # a corpus of downloaded sources
+        return ["dataset.name", "dataset.corpus", "dataset.local", "download.catalog"]
     keys = ["dataset.name", f"dataset.{name}"]
     return keys + ["seed"] if name == "synthetic" else keys
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from mvptr.data.catalog import load_source, needed_sources, web_sources
 from mvptr.config import (
     compose,
     config_hash,
@@ -38,6 +39,9 @@ RUNS = {
 }
 STAGE1 = {run: config_hash(cfg, step_keys(cfg, "stage1")) for run, cfg in RUNS.items()}
 EVAL_TASKS = CONFIG["evaluate"]["tasks"]
+# The download sources of a corpus (none for synthetic and coco_format), and those whose images are URL lists.
+SOURCES = needed_sources(CONFIG, ROOT)
+WEB_SOURCES = web_sources(CONFIG, ROOT)
 
 
 # Only the configured dataset can be built: its folder name carries the hash of the keys that shape it.
@@ -46,11 +50,24 @@ wildcard_constraints:
     method="|".join(sorted({re.escape(method) for method, _ in RUNS})),
     ablation="|".join(sorted({re.escape(ablation) for _, ablation in RUNS})),
     stage1="|".join(sorted(set(STAGE1.values()))),
+    source="|".join(re.escape(source) for source in SOURCES) or "(?!)",
 
 
 def dataset_dir():
     """The prepared dataset folder of the configured dataset."""
     return f"resources/datasets/{DATASET}"
+
+
+def source_inputs():
+    """What prepare_data reads of a corpus: each source's download manifest, and each URL list's image table."""
+    return [f"resources/downloads/{source}/manifest.json" for source in SOURCES] + [
+        f"resources/downloads/{source}/images.json" for source in WEB_SOURCES
+    ]
+
+
+def source_entry(wildcards):
+    """The hash of a source's catalog entry: a changed URL, size or checksum reruns its download."""
+    return config_hash({"entry": repr(load_source(wildcards.source, CONFIG, ROOT))})
 
 
 def concept_outputs():

@@ -1,7 +1,10 @@
-"""`mvptr data ...` subcommands: generate the synthetic world, prepare and check a dataset folder.
+"""`mvptr data ...` subcommands: download sources, generate the synthetic world, prepare and check a dataset.
 
+    mvptr data sources [key=value ...]                       the sources the configured dataset needs
+    mvptr data download --source SOURCE --out DIR [key=value ...]     (the download_source rule)
+    mvptr data web-images --source SOURCE --dir DIR [key=value ...]   (the fetch_web_images rule; img2dataset)
     mvptr data synth --size tiny --seed 0 --out DIR
-    mvptr data prepare --out DIR [key=value ...]   (the prepare_data rule)
+    mvptr data prepare --out DIR [--downloads DIR] [key=value ...]   (the prepare_data rule)
     mvptr data check DIR
 """
 
@@ -25,8 +28,39 @@ def cmd_synth(args: argparse.Namespace) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     from mvptr.data.prepare import prepare
 
-    manifest = prepare(config_from_args(args), args.out)
+    manifest = prepare(config_from_args(args), args.out, args.downloads, log=log, root=args.root)
     print(json.dumps(manifest["counts"], sort_keys=True))
+
+
+def log(line: str) -> None:
+    print(line, flush=True)
+
+
+def cmd_sources(args: argparse.Namespace) -> None:
+    from mvptr.data.catalog import needed_sources, web_sources
+
+    cfg = config_from_args(args)
+    web = set(web_sources(cfg, args.root))
+    for name in needed_sources(cfg, args.root):
+        print(f"{name}{' (web images)' if name in web else ''}")
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from mvptr.data.catalog import download_settings, load_source
+    from mvptr.data.fetch import download_source
+
+    cfg = config_from_args(args)
+    manifest = download_source(load_source(args.source, cfg, args.root), args.out, download_settings(cfg), log)
+    print(json.dumps({"files": len(manifest["files"]), "bytes": manifest["bytes"]}, sort_keys=True))
+
+
+def cmd_web_images(args: argparse.Namespace) -> None:
+    from mvptr.data.catalog import load_source
+    from mvptr.data.web_images import fetch_web_images
+
+    cfg = config_from_args(args)
+    summary = fetch_web_images(load_source(args.source, cfg, args.root), args.dir, cfg, log)
+    print(json.dumps({k: summary[k] for k in ("urls", "landed", "dead")}, sort_keys=True))
 
 
 def cmd_check(args: argparse.Namespace) -> None:
@@ -48,8 +82,26 @@ def register(groups: argparse._SubParsersAction) -> None:
     synth.add_argument("--out", type=Path, required=True)
     synth.set_defaults(func=cmd_synth)
 
+    sources = data.add_parser("sources", help="list the download sources the configured dataset needs")
+    add_config_arguments(sources)
+    sources.set_defaults(func=cmd_sources)
+
+    download = data.add_parser("download", help="fetch, verify and unpack one source's files (resumable)")
+    download.add_argument("--source", required=True, help="a configs/datasets/<source>.yaml with a `source:` entry")
+    download.add_argument("--out", type=Path, required=True, help="the source's folder, resources/downloads/SOURCE")
+    add_config_arguments(download)
+    download.set_defaults(func=cmd_download)
+
+    web = data.add_parser("web-images", help="fetch a downloaded URL list's images with img2dataset")
+    web.add_argument("--source", required=True)
+    web.add_argument("--dir", type=Path, required=True, help="the source's folder, resources/downloads/SOURCE")
+    add_config_arguments(web)
+    web.set_defaults(func=cmd_web_images)
+
     prep = data.add_parser("prepare", help="the prepare_data step for the configured dataset")
     prep.add_argument("--out", type=Path, required=True)
+    prep.add_argument("--downloads", type=Path, default=Path("resources/downloads"),
+                      help="where the download steps put the sources (a corpus only)")
     add_config_arguments(prep)
     prep.set_defaults(func=cmd_prepare)
 

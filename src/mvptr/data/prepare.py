@@ -3,9 +3,11 @@
 - `dataset.name: synthetic` generates the embedded world (mvptr.data.synthetic) into the folder.
 - `dataset.name: coco_format` checks the user's COCO-format files (images exist, JSON parses, captions are
   valid) and writes a manifest pointing at them; nothing is copied.
+- any other name is a corpus of downloaded sources (`dataset.corpus`, mvptr.data.corpus): it reads what the
+  download step put under resources/downloads (`--downloads`).
 Either way the folder ends with `manifest.json`, which `mvptr.data.coco.open_prepared` reads.
 
-Run: `mvptr data prepare --out resources/<dataset> [key=value ...]` (the Snakemake rule does this).
+Run: `mvptr data prepare --out resources/datasets/<dataset> [--downloads DIR] [key=value ...]` (the rule).
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from mvptr.atomic import atomic_dir, atomic_write_json
+from mvptr.data.catalog import DOWNLOADS
 from mvptr.data.coco import CocoFormatDataset
+from mvptr.data.corpus import prepare_corpus
+from mvptr.data.download import Log
 from mvptr.data.synthetic import SIZES, generate_world
 
 
@@ -46,7 +51,10 @@ def prepare_coco_format(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]
     return manifest
 
 
-def prepare(cfg: Mapping[str, Any], out_dir: Path | str) -> dict[str, Any]:
+def prepare(cfg: Mapping[str, Any], out_dir: Path | str, downloads: Path = DOWNLOADS, log: Log = print,
+            root: Path | None = None) -> dict[str, Any]:
     """Write the dataset folder for `cfg`; returns its manifest."""
     makers = {"synthetic": prepare_synthetic, "coco_format": prepare_coco_format}
+    if cfg["dataset"]["name"] not in makers:
+        return prepare_corpus(cfg, Path(out_dir), downloads, log, root)
     return makers[cfg["dataset"]["name"]](cfg, Path(out_dir))
