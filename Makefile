@@ -50,8 +50,11 @@ demo: $(STAMP)
 	$(RUN) snakemake --cores $(CORES) --workflow-profile workflow/profiles/default all
 	@cat results/summary/*/ablations.md
 
+# Test files run in parallel (pytest-xdist; one file per worker keeps each file's fixtures in one process):
+# most of the suite's time is subprocesses, Snakemake and the SLURM cluster waiting, not both cores busy.
+TEST_WORKERS ?= auto --maxprocesses=4
 test: $(STAMP) $(I2D_STAMP)
-	$(RUN) python -m pytest -q tests
+	$(RUN) python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: $(STAMP)
 	$(RUN) snakemake --lint

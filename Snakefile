@@ -35,6 +35,11 @@ rule all:
         summary_outputs(),
 
 
+rule data_only:
+    input:
+        dataset_dir(),
+
+
 rule pretrain_only:
     input:
         dataset_dir(),

@@ -73,6 +73,19 @@ def test_a_connection_cut_mid_file_resumes_without_fetching_the_bytes_already_th
         assert entry["checksum"] == "recorded now"
 
 
+def test_an_interrupted_download_never_looks_finished_and_the_next_run_resumes_it(served: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    no_retry = DownloadSettings(retries=0, backoff_s=0.0, timeout_s=1.0)
+    with LoopbackServer(served) as server:
+        server.cut["/big.bin"] = 50_000
+        with pytest.raises(DownloadError, match="after 1 attempts"):
+            fetch_file(remote(server, "big.bin", PAYLOAD), out, no_retry, quiet)
+        assert not (out / "big.bin").exists() and (out / "big.bin.part").stat().st_size == 50_000
+        fetch_file(remote(server, "big.bin", PAYLOAD), out, no_retry, quiet)
+        assert (out / "big.bin").read_bytes() == PAYLOAD and not (out / "big.bin.part").exists()
+        assert server.bytes_sent["/big.bin"] == len(PAYLOAD)
+
+
 def test_a_server_that_ignores_range_is_fetched_again_from_byte_zero(served: Path, tmp_path: Path):
     out = tmp_path / "out"
     out.mkdir()
@@ -237,18 +250,21 @@ def test_a_file_that_is_no_archive_is_named(tmp_path: Path):
 # --- pickles --------------------------------------------------------------------------------------------------
 
 class _Boom:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("echo pwned > /tmp/mvptr-pwned",))
+        return (os.system, (f"touch {self.marker}",))
 
 
 def test_a_plain_pickle_loads_and_one_that_names_a_callable_is_refused(tmp_path: Path):
     refs = [{"ref_id": 1, "split": "testA", "sentences": [{"sent_id": 3, "sent": "man left"}], "box": (1.0, 2)}]
     (tmp_path / "refs.p").write_bytes(pickle.dumps(refs, protocol=2))
     assert load_plain_pickle(tmp_path / "refs.p") == refs
-    (tmp_path / "evil.p").write_bytes(pickle.dumps([_Boom()], protocol=2))
+    (tmp_path / "evil.p").write_bytes(pickle.dumps([_Boom(tmp_path / "pwned")], protocol=2))
     with pytest.raises(DataError, match=r"evil\.p: the pickle asks for posix\.system"):
         load_plain_pickle(tmp_path / "evil.p")
-    assert not Path("/tmp/mvptr-pwned").exists()
+    assert not (tmp_path / "pwned").exists()
     (tmp_path / "set.p").write_bytes(pickle.dumps({1, 2}, protocol=2))
     with pytest.raises(DataError, match=r"builtin\w*\.set"):
         load_plain_pickle(tmp_path / "set.p")

@@ -94,10 +94,13 @@ def test_the_4m_corpus_downloads_and_prepares_from_every_source(release, tmp_pat
     assert len(read_task(out, "vqa", "test")) == len(read_task(world, "vqa", "test"))
     assert len(read_task(out, "ve", "dev")) == len(read_task(world, "ve", "dev"))
     assert manifest["tasks"]["nlvr2"]["skipped"] == 0 and manifest["tasks"]["rec"]["skipped_refs"] == 0
-    # concepts read it (spaCy over every caption)
+    # concepts and regions read it (spaCy over every caption; the region backbone on the gold crops)
     run_mvptr("concepts", "extract", "--dataset", str(out), "--out", str(tmp_path / "concepts.json"),
               "--n-process", "1", check=True)
     assert json.loads((tmp_path / "concepts.json").read_text())
+    run_mvptr("regions", "extract", "--dataset", str(out), "--out", str(tmp_path / "regions"),
+              "regions.backbone.epochs=1", check=True)
+    assert sorted(p.name for p in (tmp_path / "regions").glob("*.h5")) == ["task.h5", "test.h5", "train.h5", "val.h5"]
 
 
 def test_a_rerun_of_the_download_step_fetches_nothing(release, tmp_path: Path):
@@ -134,13 +137,13 @@ def test_a_malicious_refcoco_pickle_is_refused_at_prepare(release, tmp_path: Pat
 
     class Evil:
         def __reduce__(self):
-            return (os.system, ("touch /tmp/mvptr-refcoco-pwned",))
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
     (downloads / "refcocoplus" / "refcoco+" / "refs(unc).p").write_bytes(pickle.dumps([Evil()], protocol=2))
     proc = run_mvptr("data", "prepare", "--out", str(tmp_path / "out"), "--downloads", str(downloads), *dataset,
                      *release["overrides"])
     assert proc.returncode == 2 and "the pickle asks for posix.system" in proc.stderr
-    assert not Path("/tmp/mvptr-refcoco-pwned").exists() and not (tmp_path / "out").exists()
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
 
 
 def test_a_missing_local_folder_says_what_to_do_by_hand(release, tmp_path: Path):
