@@ -166,6 +166,17 @@ def test_a_dry_run_of_the_4m_corpus_plans_every_step_from_download_to_evaluation
                                                                                      "nlvr2"))
 
 
+def test_a_task_the_corpus_has_no_files_for_is_left_out_saying_why(tmp_path: Path):
+    proc = snakemake("-n", "--config", "dataset={name: coco2014, corpus: {tasks: {vqa: vqa_v2}}}", workdir=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = job_counts(proc.stdout)
+    assert counts["evaluate_retrieval"] == counts["evaluate_vqa"] == counts["pretrain_stage2"]
+    assert not {"evaluate_ve", "evaluate_rec", "evaluate_nlvr2"} & set(counts), counts
+    for task in ("ve", "rec", "nlvr2"):
+        assert (f"mvptr: evaluate_{task} left out: dataset 'coco2014' has no {task} files (name a source in "
+                f"dataset.corpus.tasks.{task})") in proc.stderr
+
+
 def test_the_workflow_runs_coco2014_and_vqa_v2_from_download_to_evaluate_vqa(release, tmp_path: Path):
     """The acceptance run: the fixture releases through download_source -> prepare_data -> ... -> evaluate_vqa."""
     download = "{" + ", ".join(o.removeprefix("download.").replace("=", ": ", 1) for o in release["overrides"]

@@ -7,11 +7,12 @@ file, and those overrides are passed to every CLI call, so a rule and its comman
 
 import re
 import shlex
+import sys
 from pathlib import Path
 
 from snakemake.utils import validate
 
-from mvptr.data.catalog import load_source, needed_sources, web_sources
+from mvptr.data.catalog import evaluable_tasks, load_source, needed_sources, web_sources
 from mvptr.config import (
     compose,
     config_hash,
@@ -38,7 +39,10 @@ RUNS = {
     for method, ablation in workflow_runs(CONFIG, ROOT)
 }
 STAGE1 = {run: config_hash(cfg, step_keys(cfg, "stage1")) for run, cfg in RUNS.items()}
-EVAL_TASKS = CONFIG["evaluate"]["tasks"]
+# The evaluate.tasks the dataset has files for; each one left out is said once, before any job runs.
+EVAL_TASKS, LEFT_OUT = evaluable_tasks(CONFIG)
+for _task, _why in LEFT_OUT.items():
+    print(f"mvptr: evaluate_{_task} left out: {_why}", file=sys.stderr)
 # The download sources of a corpus (none for synthetic and coco_format), and those whose images are URL lists.
 SOURCES = needed_sources(CONFIG, ROOT)
 WEB_SOURCES = web_sources(CONFIG, ROOT)

@@ -112,6 +112,24 @@ def web_sources(cfg: Mapping[str, Any], root: Path | None = None) -> list[str]:
     return [name for name in needed_sources(cfg, root) if load_source(name, cfg, root).web_images]
 
 
+def evaluable_tasks(cfg: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """The tasks of `evaluate.tasks` that the dataset has files for, and task -> why for each one left out.
+
+    The synthetic world writes every task's files; a corpus has retrieval and the tasks `dataset.corpus.tasks`
+    names; a coco_format folder has retrieval only (its task files cannot be configured yet)."""
+    name = cfg["dataset"]["name"]
+    asked = list(cfg["evaluate"]["tasks"])
+    if name == "synthetic":
+        return asked, {}
+    if name == "coco_format":
+        have = {"retrieval"}
+        why = "a coco_format dataset has no {task} files (only retrieval is evaluated on it)"
+    else:
+        have = {"retrieval", *cfg["dataset"]["corpus"]["tasks"]}
+        why = f"dataset {name!r} has no {{task}} files (name a source in dataset.corpus.tasks.{{task}})"
+    return [t for t in asked if t in have], {t: why.format(task=t) for t in asked if t not in have}
+
+
 def download_settings(cfg: Mapping[str, Any]) -> DownloadSettings:
     d = cfg["download"]
     return DownloadSettings(workers=d["workers"], retries=d["retries"], backoff_s=d["backoff_s"],
