@@ -110,3 +110,51 @@ def test_prepare_of_a_bad_dataset_exits_with_the_message_and_writes_nothing(tmp_
     assert proc.returncode == 2
     assert "img1.jpg" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+WORLD_TASK_FILES = {"vqa": "vqa", "ve": "snli_ve", "rec": "refcoco/refs.json", "nlvr2": "nlvr2"}
+
+
+def world_as_coco_format(world: Path, tasks: tuple[str, ...]) -> list[str]:
+    """The overrides that read the synthetic world as a user's own coco_format dataset with `tasks`' files."""
+    paths = {"images_dir": world / "images", "captions": world / "annotations/captions.json",
+             "instances": world / "annotations/instances.json", "split_file": world / "karpathy_split.json"}
+    return (["dataset.name=coco_format"] + [f"dataset.coco_format.{k}={v}" for k, v in paths.items()]
+            + [f"dataset.coco_format.task_files.{t}={world / WORLD_TASK_FILES[t]}" for t in tasks])
+
+
+def test_coco_format_task_files_are_copied_where_the_evaluation_reads_them(artifacts, tmp_path: Path):
+    from mvptr.data.task_files import EVAL_SPLITS, TRAIN_SPLIT, read_task
+
+    world, out = artifacts["dataset"], tmp_path / "prepared"
+    run_mvptr("data", "prepare", "--out", str(out), *world_as_coco_format(world, tuple(WORLD_TASK_FILES)), check=True)
+    for task in WORLD_TASK_FILES:
+        for split in (TRAIN_SPLIT[task], *EVAL_SPLITS[task]):
+            assert read_task(out, task, split) == read_task(world, task, split), (task, split)
+    assert sorted(json.loads((out / "manifest.json").read_text())["task_files"]) == sorted(WORLD_TASK_FILES)
+
+
+def test_a_missing_task_file_names_its_config_key_and_writes_nothing(artifacts, tmp_path: Path):
+    overrides = world_as_coco_format(artifacts["dataset"], ("ve",))
+    overrides[-1] = f"dataset.coco_format.task_files.ve={tmp_path}"
+    proc = run_mvptr("data", "prepare", "--out", str(tmp_path / "prepared"), *overrides)
+    assert proc.returncode == 2
+    assert f"config key 'dataset.coco_format.task_files.ve': {tmp_path}/snli_ve_train.jsonl not found" in proc.stderr
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_a_coco_format_dry_run_plans_only_the_tasks_it_has_files_for(artifacts, tmp_path: Path):
+    from test_workflow import job_counts, snakemake
+
+    world = artifacts["dataset"]
+    coco_format = {"images_dir": world / "images", "captions": world / "annotations/captions.json",
+                   "task_files": {"vqa": world / "vqa"}}
+    text = "{" + ", ".join(f"{k}: {v}" for k, v in coco_format.items() if k != "task_files") \
+        + f", task_files: {{vqa: {world / 'vqa'}}}}}"
+    proc = snakemake("-n", "--config", f"dataset={{name: coco_format, coco_format: {text}}}", workdir=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = job_counts(proc.stdout)
+    assert counts["evaluate_retrieval"] == counts["evaluate_vqa"] == counts["pretrain_stage2"]
+    assert not {"evaluate_ve", "evaluate_rec", "evaluate_nlvr2"} & set(counts), counts
+    assert ("mvptr: evaluate_rec left out: the coco_format dataset has no rec files (set "
+            "dataset.coco_format.task_files.rec)") in proc.stderr

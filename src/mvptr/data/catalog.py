@@ -116,14 +116,14 @@ def evaluable_tasks(cfg: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
     """The tasks of `evaluate.tasks` that the dataset has files for, and task -> why for each one left out.
 
     The synthetic world writes every task's files; a corpus has retrieval and the tasks `dataset.corpus.tasks`
-    names; a coco_format folder has retrieval only (its task files cannot be configured yet)."""
+    names; a coco_format folder has retrieval and the tasks `dataset.coco_format.task_files` gives files for."""
     name = cfg["dataset"]["name"]
     asked = list(cfg["evaluate"]["tasks"])
     if name == "synthetic":
         return asked, {}
     if name == "coco_format":
-        have = {"retrieval"}
-        why = "a coco_format dataset has no {task} files (only retrieval is evaluated on it)"
+        have = {"retrieval", *(t for t, given in cfg["dataset"]["coco_format"]["task_files"].items() if given)}
+        why = "the coco_format dataset has no {task} files (set dataset.coco_format.task_files.{task})"
     else:
         have = {"retrieval", *cfg["dataset"]["corpus"]["tasks"]}
         why = f"dataset {name!r} has no {{task}} files (name a source in dataset.corpus.tasks.{{task}})"

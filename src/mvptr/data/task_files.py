@@ -30,6 +30,15 @@ from mvptr.data.coco import dataset_paths, read_json
 from mvptr.errors import DataError
 
 TASKS = ("retrieval", "vqa", "ve", "rec", "nlvr2")
+# Where each task's files sit in a prepared dataset folder, and the names each file has there.
+TASK_FOLDERS = {"vqa": "vqa", "ve": "snli_ve", "rec": "refcoco", "nlvr2": "nlvr2"}
+TASK_FILE_NAMES = {
+    "vqa": [f"v2_OpenEnded_mscoco_{s}_questions.json" for s in ("train", "val", "test")]
+    + [f"v2_mscoco_{s}_annotations.json" for s in ("train", "val", "test")],
+    "ve": [f"snli_ve_{s}.jsonl" for s in ("train", "dev", "test")],
+    "rec": ["refs.json"],
+    "nlvr2": [f"{s}.json" for s in ("train", "dev", "test1")],
+}
 # Each task's training split and the splits it is evaluated on, in the task's own split names.
 TRAIN_SPLIT = {"retrieval": "train", "vqa": "train", "ve": "train", "rec": "train", "nlvr2": "train"}
 EVAL_SPLITS = {"retrieval": ("test",), "vqa": ("val", "test"), "ve": ("dev", "test"),
