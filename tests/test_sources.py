@@ -146,6 +146,14 @@ def test_a_malicious_refcoco_pickle_is_refused_at_prepare(release, tmp_path: Pat
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
 
 
+def test_prepare_before_the_download_names_the_source_and_the_command(release, tmp_path: Path):
+    proc = run_mvptr("data", "prepare", "--out", str(tmp_path / "out"), "--downloads", str(tmp_path / "none"),
+                     "dataset.name=coco2014", *release["overrides"])
+    assert proc.returncode == 2
+    assert "source 'coco2014' is not downloaded" in proc.stderr and "mvptr data download --source coco2014" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_missing_local_folder_says_what_to_do_by_hand(release, tmp_path: Path):
     downloads = tmp_path / "downloads"
     dataset = ["dataset.name=coco2014", "dataset.corpus.tasks={ve: snli_ve}"]

@@ -26,9 +26,10 @@ from typing import Any
 from PIL import Image
 
 from mvptr.atomic import atomic_dir, atomic_write_json
-from mvptr.data.catalog import DOWNLOADS, corpus_roles, load_source
+from mvptr.data.catalog import DOWNLOADS, corpus_roles, load_source, needed_sources
 from mvptr.data.coco import STANDARD_LAYOUT, CocoFormatDataset
 from mvptr.data.download import Log
+from mvptr.data.fetch import MANIFEST
 from mvptr.data.formats import IMAGE_READERS, TASK_WRITERS, ImageIndex, SourceImage
 from mvptr.data.web_images import SUMMARY, read_summary
 from mvptr.errors import DataError
@@ -54,6 +55,17 @@ class _Reader:
                 raise DataError(f"source {name!r} (format {source.format}) has no images of its own")
             self.cache[key] = IMAGE_READERS[source.format](source, self.downloads / name, local)
         return self.cache[key]
+
+
+def _check_downloaded(cfg: Mapping[str, Any], downloads: Path, root: Path | None) -> None:
+    """Every source the corpus needs has finished its download step (and its web-image step)."""
+    for name in needed_sources(cfg, root):
+        if not (downloads / name / MANIFEST).is_file():
+            raise DataError(f"source {name!r} is not downloaded ({downloads / name / MANIFEST} missing): run "
+                            f"`mvptr data download --source {name} --out {downloads / name}` or the workflow")
+        if load_source(name, cfg, root).web_images and not (downloads / name / SUMMARY).is_file():
+            raise DataError(f"source {name!r} has no images yet ({downloads / name / SUMMARY} missing): run "
+                            f"`mvptr data web-images --source {name} --dir {downloads / name}` or the workflow")
 
 
 def _fill_sizes(images: list[SourceImage], downloads: Path) -> None:
@@ -86,6 +98,7 @@ def prepare_corpus(cfg: Mapping[str, Any], out_dir: Path, downloads: Path = DOWN
                    root: Path | None = None) -> dict[str, Any]:
     """Write the prepared folder of the configured corpus; returns its manifest."""
     roles, corpus = corpus_roles(cfg), cfg["dataset"]["corpus"]
+    _check_downloaded(cfg, downloads, root)
     reader = _Reader(cfg, downloads.resolve(), root)
     excluded = {alias for name in roles["exclude"] for img in reader.images(name, need_files=False)
                 if img.split == "test" for alias in img.aliases}
