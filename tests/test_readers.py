@@ -158,3 +158,31 @@ def test_a_coco_format_dry_run_plans_only_the_tasks_it_has_files_for(artifacts, 
     assert not {"evaluate_ve", "evaluate_rec", "evaluate_nlvr2"} & set(counts), counts
     assert ("mvptr: evaluate_rec left out: the coco_format dataset has no rec files (set "
             "dataset.coco_format.task_files.rec)") in proc.stderr
+
+
+CAPTIONS_IN_ANY_SCRIPT = ["一只红色的猫坐在桌子上", "قطة حمراء على الطاولة", "Красная кошка на столе",
+                          "a red cat 🐈 on a table", "ein roter Kater", "赤い猫がテーブルの上にいる",
+                          "a large red cat on the table", "🙂🙂"]
+
+
+def test_captions_in_any_language_and_script_survive_tokenisation_and_concept_parsing(tmp_path: Path):
+    from mvptr.text import load_tokenizer
+
+    paths = write_dataset(tmp_path / "user", n_images=4)
+    captions = json.loads(paths["captions"].read_text())
+    for ann, text in zip(captions["annotations"], CAPTIONS_IN_ANY_SCRIPT, strict=True):
+        ann["caption"] = text
+    paths["captions"].write_text(json.dumps(captions, ensure_ascii=False), encoding="utf-8")
+    overrides = ["dataset.name=coco_format"] + [f"dataset.coco_format.{k}={v}" for k, v in paths.items()]
+    run_mvptr("data", "prepare", "--out", str(tmp_path / "prepared"), *overrides, check=True)
+    assert [text for _, text in open_prepared(tmp_path / "prepared").captions(1)] == CAPTIONS_IN_ANY_SCRIPT[:2]
+    run_mvptr("concepts", "extract", "--dataset", str(tmp_path / "prepared"), "--out", str(tmp_path / "c.json"),
+              "--n-process", "1", check=True)
+    concepts = json.loads((tmp_path / "c.json").read_text())
+    assert len(concepts) == len(CAPTIONS_IN_ANY_SCRIPT)  # every caption parsed, English ones with concepts
+    # Every caption gives word pieces; scripts the English vocabulary lacks become [UNK] (a vocabulary that has
+    # them is `model.tokenizer: <folder with vocab.txt>`), Latin-script ones do not.
+    tokenizer = load_tokenizer("minilm")
+    for text in CAPTIONS_IN_ANY_SCRIPT:
+        assert tokenizer.tokenize(text), text
+    assert tokenizer.unk_token not in tokenizer.tokenize("ein roter Kater auf dem Tisch")
