@@ -70,6 +70,13 @@ def test_the_4m_corpus_downloads_and_prepares_from_every_source(release, tmp_pat
         # 7 images, a 404 and a file that is no image
         assert (summary["urls"], summary["landed"], summary["dead"]) == (9, 7, 2), summary
         assert any("404" in reason for reason in summary["dead_by_reason"]), summary
+    # A rerun resumes: img2dataset skips the finished shards, so no image URL is requested again.
+    server = release["server"]
+    before = sum(n for path, n in server.requests.items() if path.startswith("/web/"))
+    run_mvptr("data", "web-images", "--source", "sbu", "--dir", str(downloads / "sbu"), "dataset.name=4m",
+              *release["overrides"], check=True)
+    assert sum(n for path, n in server.requests.items() if path.startswith("/web/")) == before
+    assert json.loads((downloads / "sbu" / "images.json").read_text())["landed"] == 7
     out = tmp_path / "prepared"
     proc = run_mvptr("data", "prepare", "--out", str(out), "--downloads", str(downloads), "dataset.name=4m",
                      *release["overrides"], check=True)
