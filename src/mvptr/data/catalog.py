@@ -67,10 +67,10 @@ def load_source(name: str, cfg: Mapping[str, Any], root: Path | None = None) -> 
     """The source `name` of the catalog; ConfigError naming the file when it is missing or invalid."""
     folder = catalog_dir(cfg, root)
     path = folder / f"{name}.yaml"
-    entries = sorted(p.stem for p in folder.glob("*.yaml") if "source" in read_yaml(p)) if folder.is_dir() else []
-    if not path.is_file() or "source" not in read_yaml(path):
+    data = read_yaml(path) if path.is_file() else {}
+    if "source" not in data:
+        entries = sorted(p.stem for p in folder.glob("*.yaml") if "source" in read_yaml(p)) if folder.is_dir() else []
         raise ConfigError(f"source {name!r}: no `source:` entry in {path}; sources: {', '.join(entries) or 'none'}")
-    data = read_yaml(path)
     errors = sorted(jsonschema.Draft202012Validator(_schema(root)).iter_errors(data), key=lambda e: list(e.path))
     if errors:
         where = ".".join(str(p) for p in errors[0].absolute_path)

@@ -26,7 +26,7 @@ from typing import Any
 from PIL import Image
 
 from mvptr.atomic import atomic_dir, atomic_write_json
-from mvptr.data.catalog import DOWNLOADS, corpus_roles, load_source, needed_sources
+from mvptr.data.catalog import DOWNLOADS, corpus_roles, load_source, needed_sources, web_sources
 from mvptr.data.coco import STANDARD_LAYOUT, CocoFormatDataset
 from mvptr.data.download import Log
 from mvptr.data.fetch import MANIFEST
@@ -63,7 +63,8 @@ def _check_downloaded(cfg: Mapping[str, Any], downloads: Path, root: Path | None
         if not (downloads / name / MANIFEST).is_file():
             raise DataError(f"source {name!r} is not downloaded ({downloads / name / MANIFEST} missing): run "
                             f"`mvptr data download --source {name} --out {downloads / name}` or the workflow")
-        if load_source(name, cfg, root).web_images and not (downloads / name / SUMMARY).is_file():
+    for name in web_sources(cfg, root):
+        if not (downloads / name / SUMMARY).is_file():
             raise DataError(f"source {name!r} has no images yet ({downloads / name / SUMMARY} missing): run "
                             f"`mvptr data web-images --source {name} --dir {downloads / name}` or the workflow")
 

@@ -100,13 +100,13 @@ def _expected(file: RemoteFile, recorded: Mapping[str, Any] | None) -> dict[str,
 def _verify(file: RemoteFile, url: str, path: Path, expected: Mapping[str, str]) -> dict[str, str]:
     """Check size and checksums of a complete download; a bad file is moved to `<name>.rejected`."""
     size = path.stat().st_size
-    digests = file_digests(path)
-    problem = None
-    if file.size is not None and size != file.size:
+    problem, digests = None, {}
+    if file.size is not None and size != file.size:  # no need to hash a file of the wrong size
         problem = f"size {size} bytes, expected {file.size}"
-    for algo, value in expected.items():
-        if problem is None and digests[algo] != value.lower():
-            problem = f"{algo} {digests[algo]}, expected {value.lower()}"
+    else:
+        digests = file_digests(path)
+        problem = next((f"{algo} {digests[algo]}, expected {value.lower()}" for algo, value in expected.items()
+                        if digests[algo] != value.lower()), None)
     if problem:
         rejected = path.with_name(file.name + ".rejected")
         os.replace(path, rejected)

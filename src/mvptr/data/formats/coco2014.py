@@ -7,7 +7,6 @@ gold objects come from `annotations/instances_{train,val}2014.json` (category na
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +30,11 @@ def read_instances(paths: list[Path], offset: int) -> tuple[dict[int, tuple[int,
     return sizes, objects
 
 
-def karpathy_images(path: Path) -> list[Mapping[str, Any]]:
-    data = read_json(path)
-    return data["images"]
-
-
 def read_images(source: Any, source_dir: Path, local: str | None) -> list[SourceImage]:
     sizes, objects = read_instances([source_dir / "annotations" / f"instances_{s}2014.json" for s in ("train", "val")],
                                     source.id_offset)
     images = []
-    for record in karpathy_images(source_dir / source.options["karpathy"]):
+    for record in read_json(source_dir / source.options["karpathy"])["images"]:
         coco_id = int(record["cocoid"])
         width, height = sizes.get(coco_id, (None, None))
         images.append(SourceImage(
