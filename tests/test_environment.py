@@ -19,7 +19,8 @@ def _pins(requirements: list[str]) -> dict[str, str]:
 
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = _pins(project["dependencies"] + project["optional-dependencies"]["dev"])
+    declared = _pins(project["dependencies"] + project["optional-dependencies"]["dev"]
+                      + project["optional-dependencies"]["detector"])
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     conda = _pins(pip_section)

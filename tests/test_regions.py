@@ -9,7 +9,6 @@ that a bug in the library cannot hide in its own helpers. Runs in well under a m
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -200,9 +199,10 @@ def test_skip_mode_lists_the_corrupt_image_and_goes_on(tiny_world: Path, tmp_pat
         assert image_id not in store and len(store) == sum(s == "train" for s in splits_of(world).values()) - 1
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None,
-                    reason="torchvision is installed: the detector would run (and download its weights)")
-def test_detector_boxes_without_torchvision_say_how_to_install(tiny_world: Path, tmp_path: Path):
+def test_detector_boxes_without_torchvision_say_how_to_install(tiny_world: Path, tmp_path: Path, monkeypatch):
+    for name in [name for name in sys.modules if name.split(".")[0] == "torchvision"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # `import torchvision` now fails as if not installed
     with pytest.raises(ConfigError, match=r"pip install \.\[detector\]"):
         extract_region_features(load_config([*FAST, "regions.boxes=detector"]), tiny_world, tmp_path, log=quiet)
 

@@ -4,13 +4,12 @@ Why: MVPTR's visual input is a set of regions, each a detector feature plus 6 bo
 `[x1/W, y1/H, x2/W, y2/H, w/W, h/H]`. The box source is a config choice (`regions.boxes`):
 - `gold`: the instances JSON's boxes, largest first, at most `regions.max_regions` (the default; the
   embedded world has exact boxes, and so do COCO and Flickr30k Entities);
-- `detector`: torchvision's Faster R-CNN, an optional extra (`pip install .[detector]`), imported only
-  when chosen, so that the package never needs torchvision otherwise.
+- `detector`: torchvision's Faster R-CNN (mvptr.regions.detector), an optional extra
+  (`pip install .[detector]`), imported only when chosen.
 
 Use:
     boxes = gold_boxes(instances, image_id, max_regions=50)      # -> [RegionBox, ...]
     values = box_values(boxes[0].xyxy, width, height)             # -> float32 array of 6
-    detect = TorchvisionDetector(max_regions=50); detect(image)   # -> [RegionBox, ...] (category None)
 """
 
 from __future__ import annotations
@@ -20,10 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from pycocotools.coco import COCO
-
-from mvptr.errors import ConfigError
 
 NUM_BOX_VALUES = 6
 
@@ -56,33 +52,3 @@ def gold_boxes(instances: COCO, image_id: int, max_regions: int) -> list[RegionB
     return [RegionBox(xyxy=(x, y, x + w, y + h), category=instances.cats[ann["category_id"]]["name"],
                       attributes=ann.get("attributes", {}))
             for ann in anns[:max_regions] for x, y, w, h in [ann["bbox"]]]
-
-
-class TorchvisionDetector:
-    """Boxes from torchvision's COCO-trained Faster R-CNN (ResNet-50 FPN v2), highest score first.
-
-    Its own COCO labels are not kept: object tags come from the region backbone, which knows the
-    dataset's categories. The pretrained weights are downloaded by torchvision on first use.
-    """
-
-    def __init__(self, max_regions: int, score_threshold: float = 0.2, device: str = "cpu") -> None:
-        try:
-            from torchvision.models.detection import FasterRCNN_ResNet50_FPN_V2_Weights, fasterrcnn_resnet50_fpn_v2
-            from torchvision.transforms.functional import to_tensor
-        except ImportError as err:
-            raise ConfigError("config key 'regions.boxes': 'detector' needs torchvision, an optional extra; "
-                              "install it with `pip install .[detector]` or use regions.boxes=gold") from err
-        self._to_tensor = to_tensor
-        self.model = fasterrcnn_resnet50_fpn_v2(weights=FasterRCNN_ResNet50_FPN_V2_Weights.DEFAULT).eval().to(device)
-        self.max_regions = max_regions
-        self.score_threshold = score_threshold
-        self.device = device
-
-    def __call__(self, image: Image.Image) -> list[RegionBox]:
-        import torch
-
-        with torch.no_grad():
-            output = self.model([self._to_tensor(image).to(self.device)])[0]
-        keep = output["scores"] >= self.score_threshold  # torchvision returns them sorted by score
-        boxes = output["boxes"][keep][: self.max_regions].cpu().tolist()
-        return [RegionBox(xyxy=tuple(box)) for box in boxes]

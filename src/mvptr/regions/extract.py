@@ -1,22 +1,27 @@
-"""The extract_region_features step: train the region backbone, then write one region store per split.
+"""The extract_region_features step: one region store per split, from gold boxes or from a detector.
 
 Why: every method reads the same regions - features, 6 box values and object tags - from one store per
 split, so that differences between methods come from their objectives, not their inputs.
 
-What it does, deterministically from `seed` and the `regions.*` config (bit for bit at a given number of
-torch threads; another thread count sums floats in another order and changes the last bits):
-1. Read every image once (PIL). An unreadable image stops the step with a DataError naming its path
-   (`regions.on_bad_image: fail`) or is left out and listed in `skipped.json` with the reason (`skip`).
-2. Train the backbone (mvptr.regions.backbone) on the training split's gold object crops; score each head
-   on the val split's crops.
-3. For each split, each image's boxes (gold, largest first, or the detector's), the backbone's penultimate
-   features of their crops, the 6 box values, and object tags: the backbone's predicted category
-   (`regions.tags: predicted`, as VinVL's tags are its detector's) or the annotated one (`gold`).
+Two ways, by `regions.boxes`:
+- `gold` (the embedded world, any dataset with an instances JSON): train the region backbone
+  (mvptr.regions.backbone) on the training split's gold object crops, score each head on the val split's
+  crops, then store each image's gold boxes (largest first), the backbone's penultimate features of their
+  crops and object tags: the backbone's predicted category (`regions.tags: predicted`, as VinVL's tags are
+  its detector's) or the annotated one (`gold`).
+- `detector` (photographs without boxes: CC3M, SBU, your own folder): a torchvision Faster R-CNN gives each
+  image's boxes, features and class-name tags in one pass (mvptr.regions.detector); nothing is trained.
+Every image is read once (mvptr.regions.images: upright, 8-bit RGB). An unreadable image stops the step with
+a DataError naming its path (`regions.on_bad_image: fail`) or is left out and listed in `skipped.json` with
+the reason (`skip`). Deterministic from `seed` and the `regions.*` config (bit for bit at a given number of
+torch threads; another thread count sums floats in another order and changes the last bits).
 
 Outputs in `out_dir` (each written atomically; leftovers of an interrupted run are removed at start):
-    {split}.h5                 region store (mvptr.regions.store), tag vocabulary = the dataset's categories
-    backbone.safetensors       backbone weights
-    backbone_metrics.json      train loss per epoch, val accuracy per head
+    {split}.h5                 region store (mvptr.regions.store); tag vocabulary: the dataset's categories
+                               (gold) or the detector's class names (detector)
+    backbone.safetensors       backbone weights (gold)
+    backbone_metrics.json      train loss per epoch, val accuracy per head (gold)
+    detector.json              the detector's architecture, weights and classes (detector)
     skipped.json               images left out, with path and reason ([] when none)
 
 Use:
@@ -26,6 +31,7 @@ Use:
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,47 +57,20 @@ from mvptr.regions.backbone import (
     save_backbone,
     train_backbone,
 )
-from mvptr.regions.boxes import NUM_BOX_VALUES, RegionBox, TorchvisionDetector, box_values, category_names, gold_boxes
+from mvptr.regions.boxes import NUM_BOX_VALUES, RegionBox, box_values, category_names, gold_boxes
+from mvptr.regions.detector import RegionDetector
+from mvptr.regions.images import ImageReader
 from mvptr.regions.store import Regions, RegionStoreWriter
+from mvptr.regions.torchvision_compat import compiled_ops
 
 BACKBONE_FILE = "backbone.safetensors"
 METRICS_FILE = "backbone_metrics.json"
 SKIPPED_FILE = "skipped.json"
+DETECTOR_FILE = "detector.json"
 # Images whose crops go through the backbone together in the extraction pass.
 _IMAGES_PER_BATCH = 64
 
 Log = Callable[[str], None]
-
-
-def read_image(path: Path) -> Image.Image:
-    """The image as RGB, fully decoded; anything PIL cannot read becomes a DataError naming the path."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for corrupt files
-        raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
-
-
-@dataclass
-class ImageReader:
-    """Reads images under the `on_bad_image` policy: `fail` raises, `skip` records the image and returns None."""
-
-    ds: CocoFormatDataset
-    on_bad_image: str
-    skipped: dict[int, dict[str, Any]] = field(default_factory=dict)
-
-    def read(self, image_id: int) -> Image.Image | None:
-        if image_id in self.skipped:
-            return None
-        path = self.ds.image_path(image_id)
-        try:
-            return read_image(path)
-        except DataError as err:
-            if self.on_bad_image == "fail":
-                raise
-            self.skipped[image_id] = {"image_id": image_id, "split": self.ds.splits[image_id], "path": str(path),
-                                      "reason": str(err)}
-            return None
 
 
 def _stack(crops: Sequence[np.ndarray], values: Sequence[np.ndarray], size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,24 +130,23 @@ def _batches(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
 
 
 @dataclass
-class _RegionSource:
-    """Each image's boxes and, from the backbone, their features and tags."""
+class _BackboneSource:
+    """Each image's gold boxes and, from the backbone, their features and tags."""
 
     ds: CocoFormatDataset
     model: RegionBackbone
     categories: list[str]
     max_regions: int
     gold_tags: bool
-    detector: TorchvisionDetector | None
+    images_per_batch: int = _IMAGES_PER_BATCH
 
-    def boxes(self, image_id: int, image: Image.Image) -> list[RegionBox]:
-        if self.detector is not None:
-            return self.detector(image)
-        return gold_boxes(self.ds.instances_coco, image_id, self.max_regions)
+    @property
+    def feature_dim(self) -> int:
+        return self.model.feature_dim
 
     def regions(self, images: Mapping[int, Image.Image]) -> dict[int, Regions]:
         """Regions of several images, their crops through the backbone in one batch."""
-        boxes = {image_id: self.boxes(image_id, image) for image_id, image in images.items()}
+        boxes = {image_id: gold_boxes(self.ds.instances_coco, image_id, self.max_regions) for image_id in images}
         size = self.model.crop_size
         crops = [crop(images[i], b.xyxy, size) for i, bs in boxes.items() for b in bs]
         values = [box_values(b.xyxy, *images[i].size) for i, bs in boxes.items() for b in bs]
@@ -185,12 +163,34 @@ class _RegionSource:
         return out
 
 
-def _write_store(path: Path, split: str, ids: Sequence[int], reader: ImageReader, source: _RegionSource,
-                 attrs: Mapping[str, Any], log: Log) -> dict[str, int]:
+@dataclass
+class _DetectorSource:
+    """Each image's boxes, features and tags from the detector, a batch of images per forward pass."""
+
+    detector: RegionDetector
+
+    @property
+    def feature_dim(self) -> int:
+        return self.detector.feature_dim
+
+    @property
+    def categories(self) -> list[str]:
+        return self.detector.categories
+
+    @property
+    def images_per_batch(self) -> int:
+        return self.detector.settings.batch_size
+
+    def regions(self, images: Mapping[int, Image.Image]) -> dict[int, Regions]:
+        return dict(zip(images, self.detector(list(images.values()))))
+
+
+def _write_store(path: Path, split: str, ids: Sequence[int], reader: ImageReader,
+                 source: _BackboneSource | _DetectorSource, attrs: Mapping[str, Any], log: Log) -> dict[str, int]:
     progress = Progress(f"extract {split}", len(ids), "images", log)
     written = regions_total = 0
-    with RegionStoreWriter(path, source.model.feature_dim, source.categories, {**attrs, "split": split}) as writer:
-        for batch in _batches(ids, _IMAGES_PER_BATCH):
+    with RegionStoreWriter(path, source.feature_dim, source.categories, {**attrs, "split": split}) as writer:
+        for batch in _batches(ids, source.images_per_batch):
             images = {i: image for i in batch if (image := reader.read(i)) is not None}
             for image_id, regions in source.regions(images).items():
                 writer.add(image_id, regions)
@@ -208,28 +208,20 @@ def _remove_leftovers(out_dir: Path, names: Sequence[str]) -> None:
 
 
 def _check_config(regions_cfg: Mapping[str, Any], ds: CocoFormatDataset) -> None:
+    if regions_cfg["boxes"] == "detector":
+        if regions_cfg["tags"] == "gold":
+            raise ConfigError("config key 'regions.tags': 'gold' needs regions.boxes=gold (detector boxes carry no "
+                              "annotated category); use regions.tags=predicted")
+        return
     if ds.instances_coco is None:
-        raise DataError("extracting regions needs an instances JSON (boxes and categories) to train the backbone; "
-                        "set dataset.coco_format.instances")
-    if regions_cfg["boxes"] == "detector" and regions_cfg["tags"] == "gold":
-        raise ConfigError("config key 'regions.tags': 'gold' needs regions.boxes=gold (detector boxes carry no "
-                          "annotated category); use regions.tags=predicted")
+        raise DataError("regions.boxes=gold needs an instances JSON (boxes and categories) to train the backbone; "
+                        "set dataset.coco_format.instances, or use regions.boxes=detector for photographs")
 
 
-def extract_region_features(cfg: Mapping[str, Any], dataset_dir: Path | str, out_dir: Path | str,
-                            log: Log = print) -> dict[str, Any]:
-    """Run the whole step; returns a summary (regions per split, images skipped, val accuracy, seconds)."""
-    started = time.monotonic()
+def _backbone_source(cfg: Mapping[str, Any], ds: CocoFormatDataset, reader: ImageReader, out_dir: Path,
+                     log: Log) -> tuple[_BackboneSource, dict[str, Any]]:
+    """Train the backbone on the gold crops (saving its weights and metrics); the source that uses it."""
     rcfg, bcfg = cfg["regions"], cfg["regions"]["backbone"]
-    ds = open_prepared(dataset_dir)
-    _check_config(rcfg, ds)
-    out_dir = Path(out_dir)
-    splits = sorted(set(ds.splits.values()))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(out_dir, [f"{s}.h5" for s in splits] + [BACKBONE_FILE, METRICS_FILE, SKIPPED_FILE])
-    detector = TorchvisionDetector(rcfg["max_regions"]) if rcfg["boxes"] == "detector" else None
-
-    reader = ImageReader(ds, rcfg["on_bad_image"])
     examples = _scan(ds, reader, rcfg["max_regions"], bcfg["crop_size"], log)
     categories = category_names(ds.instances_coco)
     vocabularies = _vocabularies(categories, examples["train"])
@@ -242,13 +234,47 @@ def extract_region_features(cfg: Mapping[str, Any], dataset_dir: Path | str, out
     log(f"backbone val accuracy: {metrics['val_accuracy']}")
     save_backbone(model, out_dir / BACKBONE_FILE)
     atomic_write_json(out_dir / METRICS_FILE, metrics)
+    source = _BackboneSource(ds, model, categories, rcfg["max_regions"], rcfg["tags"] == "gold")
+    return source, {"val_accuracy": metrics["val_accuracy"]}
 
-    source = _RegionSource(ds, model, categories, rcfg["max_regions"], rcfg["tags"] == "gold", detector)
+
+def _detector_source(cfg: Mapping[str, Any], out_dir: Path, log: Log) -> tuple[_DetectorSource, dict[str, Any]]:
+    detector = RegionDetector.from_config(cfg["regions"], cfg["seed"])
+    info = {**detector.origin, "device": str(detector.device), "feature_dim": detector.feature_dim,
+            "torchvision_compiled_ops": compiled_ops()}
+    log(f"detector: {json.dumps(info, sort_keys=True)}")
+    info["categories"] = detector.categories
+    if detector.settings.weights == "random":
+        log("detector: randomly initialised weights (regions.detector.weights=random): the boxes, tags and "
+            "features exercise the mechanics only")
+    atomic_write_json(out_dir / DETECTOR_FILE, info)
+    return _DetectorSource(detector), {"detector": info}
+
+
+def extract_region_features(cfg: Mapping[str, Any], dataset_dir: Path | str, out_dir: Path | str,
+                            log: Log = print) -> dict[str, Any]:
+    """Run the whole step; returns a summary (regions per split, images skipped, val accuracy, seconds)."""
+    started = time.monotonic()
+    rcfg = cfg["regions"]
+    ds = open_prepared(dataset_dir)
+    _check_config(rcfg, ds)
+    out_dir = Path(out_dir)
+    splits = sorted(set(ds.splits.values()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out_dir, [f"{s}.h5" for s in splits] + [BACKBONE_FILE, METRICS_FILE, SKIPPED_FILE,
+                                                              DETECTOR_FILE])
+    if rcfg["boxes"] == "detector":
+        reader = ImageReader(ds, rcfg["on_bad_image"], max_side=rcfg["detector"]["max_size"])
+        source, summary = _detector_source(cfg, out_dir, log)
+    else:
+        reader = ImageReader(ds, rcfg["on_bad_image"])
+        source, summary = _backbone_source(cfg, ds, reader, out_dir, log)
     attrs = {"config_hash": config_hash(cfg, ["seed", "regions", *dataset_keys(cfg)]),
              "boxes": rcfg["boxes"], "tags": rcfg["tags"]}
     counts = {split: _write_store(out_dir / f"{split}.h5", split, ds.image_ids(split), reader, source, attrs, log)
               for split in splits}
     skipped = [reader.skipped[i] for i in sorted(reader.skipped)]
+    if skipped:
+        log(f"{len(skipped)} image(s) left out (regions.on_bad_image=skip), listed in {out_dir / SKIPPED_FILE}")
     atomic_write_json(out_dir / SKIPPED_FILE, skipped)
-    return {"splits": counts, "skipped": len(skipped), "val_accuracy": metrics["val_accuracy"],
-            "seconds": round(time.monotonic() - started, 1)}
+    return {"splits": counts, "skipped": len(skipped), **summary, "seconds": round(time.monotonic() - started, 1)}
