@@ -287,3 +287,18 @@ def test_cli_refuses_missing_weights_and_a_rec_layer_the_model_lacks(stage0, tmp
     too_deep = run("rec", stage0["weights"], *SMALL, "evaluate.rec.layer=2")
     assert too_deep.returncode == 2 and "evaluate.rec.layer" in too_deep.stderr
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "job").exists()
+
+
+def test_a_fine_tuning_batch_larger_than_the_task_is_capped_before_submission_and_said(stage0, tmp_path):
+    from mvptr.batching import count_task_examples
+
+    examples = count_task_examples(stage0["dataset"], stage0["regions"], "ve")
+    out = tmp_path / "ve.json"
+    proc = run_mvptr("evaluate", "run", "--task", "ve",
+                     *(f"--{k}={stage0[k]}" for k in ("dataset", "concepts", "vocab", "regions")),
+                     f"--weights={stage0['weights']}", f"--job-dir={tmp_path / 'job'}", f"--out={out}", *SMALL,
+                     "evaluate.ve.steps=2", f"evaluate.ve.batch_size={examples + 50}", "launch.cluster=local")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (f"mvptr: evaluate.ve.batch_size is {examples + 50} but the data has {examples} training item(s)"
+            in proc.stdout)
+    assert json.loads(out.read_text())["train"]["batch_size"] == examples

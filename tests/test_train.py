@@ -321,3 +321,27 @@ def test_simla_on_two_gloo_ranks_queues_every_ranks_batch_in_rank_order(artifact
                for i in batch_indices(len(pairs), 8, step, cfg["seed"], rank, 2)]
     assert state["objectives.itc.ptr"].item() == len(written) % 16
     assert state["objectives.itc.id_queue"].tolist() == written[16:] + written[8:16]
+
+
+def test_a_batch_larger_than_the_data_is_capped_before_the_job_is_submitted(artifacts, stage1, tmp_path):
+    from mvptr.batching import count_training_pairs
+
+    pairs = count_training_pairs(artifacts["dataset"], artifacts["regions"])
+
+    def stage(*overrides: str):
+        return run_mvptr("pretrain", "stage", "--stage", "2", *(f"--{k}={artifacts[k]}" for k in
+                                                               ("dataset", "concepts", "vocab", "regions")),
+                         f"--init-weights={stage1}", f"--ckpt-dir={tmp_path / 'ckpt'}", f"--job-dir={tmp_path / 'job'}",
+                         f"--out={tmp_path / 'out'}", *SMALL, "pretrain.stage2.steps=2", "launch.cluster=local",
+                         *overrides)
+
+    capped = stage(f"pretrain.stage2.batch_size={pairs + 7}")
+    assert capped.returncode == 0, capped.stderr[-2000:]
+    assert (f"mvptr: pretrain.stage2.batch_size is {pairs + 7} but the data has {pairs} training item(s): each "
+            f"step takes {pairs}") in capped.stdout
+    # Too few pairs for one per accumulation step: refused before anything is submitted.
+    refused = stage(f"pretrain.grad_accum={pairs + 1}", f"pretrain.stage2.batch_size={2 * (pairs + 1)}",
+                    f"--job-dir={tmp_path / 'job2'}")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"config key 'pretrain.stage2.batch_size': the data has {pairs} training item(s)" in refused.stderr
+    assert not (tmp_path / "job2").exists()

@@ -4,4 +4,9 @@ The library imports without Snakemake, DVC or MLflow being configured; the `mvpt
 runs one workflow step per subcommand.
 """
 
+from mvptr.regions.torchvision_compat import install_import_hook
+
 __version__ = "0.1.0"
+
+# Before anything (transformers included) imports torchvision: see mvptr.regions.torchvision_compat.
+install_import_hook()

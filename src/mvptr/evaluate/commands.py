@@ -54,11 +54,18 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise ConfigError(f"config key 'evaluate.rec.layer': {layer} is more than the {fusion_layers} "
                           f"cross-modal layers of a {cfg['method']['name']} model of this config")
     # torch, transformers and MLflow are imported only once the arguments are known to be usable.
+    from mvptr.batching import count_task_examples, fit_batch
     from mvptr.evaluate.finetune import TaskPaths, flat_metrics
     from mvptr.launch.job import ConfigJob
     from mvptr.launch.launcher import LaunchSettings, launch
     from mvptr.tracking import log_run
 
+    key = f"evaluate.{args.task}.batch_size"
+    size, note = fit_batch(key, cfg["evaluate"][args.task]["batch_size"],
+                           count_task_examples(args.dataset, args.regions, args.task))
+    if note:
+        print(note, flush=True)
+        cfg["evaluate"][args.task]["batch_size"] = size
     job_dir = args.job_dir.resolve()
     paths = TaskPaths(**artifact_paths(args), weights=args.weights.resolve(),
                       save_to=job_dir / SAVED_WEIGHTS if args.model_out else None)

@@ -59,6 +59,7 @@ from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from mvptr.artifacts import Artifacts
+from mvptr.batching import fit_batch
 from mvptr.data import task_files
 from mvptr.data.coco import read_json
 from mvptr.data.order import batch_indices
@@ -167,7 +168,12 @@ def fit(module: nn.Module, batch_loss: Callable[[list[int], int], Tensor], num_i
     """AdamW with linear warmup and decay over `tcfg["steps"]` steps of `tcfg["batch_size"]` items drawn by
     `batch_indices` (`batch_loss(indices, step)`), then `after_step()` (a momentum update) if given; returns
     the first loss and the mean loss of the last tenth of the steps."""
-    steps, batch_size = tcfg["steps"], min(tcfg["batch_size"], num_items)
+    # `mvptr evaluate run` capped the batch at the task file's examples before submitting; fewer can be usable
+    # here (images skipped as unreadable), the same rule then applies again.
+    batch_size, note = fit_batch(f"evaluate.{name}.batch_size", tcfg["batch_size"], num_items)
+    if note:
+        log(note)
+    steps = tcfg["steps"]
     optimizer, scheduler = build_optimizer(module, {
         "steps": steps, "lr": tcfg["lr"], "warmup_steps": round(ecfg["warmup_fraction"] * steps), "decay": "linear",
         "weight_decay": ecfg["weight_decay"]})

@@ -25,6 +25,18 @@ from mvptr.atomic import atomic_write_bytes, atomic_write_json
 from mvptr.config import add_config_arguments, config_from_args
 
 
+def _fit_batch_to_data(cfg: dict, args: argparse.Namespace, ranks: int) -> None:
+    """Cap the stage's batch at the training pairs there are (mvptr.batching), before the job is submitted."""
+    from mvptr.batching import count_training_pairs, fit_batch
+
+    stage = cfg["pretrain"][f"stage{args.stage}"]
+    size, note = fit_batch(f"pretrain.stage{args.stage}.batch_size", stage["batch_size"],
+                           count_training_pairs(args.dataset, args.regions), ranks * cfg["pretrain"]["grad_accum"])
+    if note:
+        print(note, flush=True)
+        stage["batch_size"] = size
+
+
 def cmd_stage(args: argparse.Namespace) -> None:
     from mvptr.launch.job import ConfigJob
     from mvptr.launch.launcher import LaunchSettings, launch
@@ -35,6 +47,7 @@ def cmd_stage(args: argparse.Namespace) -> None:
     paths = StagePaths(**artifact_paths(args), ckpt_dir=args.ckpt_dir.resolve(),
                        init_weights=args.init_weights.resolve() if args.init_weights else None)
     settings = LaunchSettings.from_config(cfg["launch"])
+    _fit_batch_to_data(cfg, args, settings.nodes * settings.tasks_per_node)
     result = launch(ConfigJob("mvptr.jobs:run_stage", cfg, args.stage, paths),
                     name=f"pretrain_stage{args.stage}", folder=args.job_dir, settings=settings)
     out = args.out
