@@ -69,7 +69,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     job_dir = args.job_dir.resolve()
     paths = TaskPaths(**artifact_paths(args), weights=args.weights.resolve(),
                       save_to=job_dir / SAVED_WEIGHTS if args.model_out else None)
-    settings = LaunchSettings.from_config(cfg["launch"])
+    settings = LaunchSettings.from_config(cfg["launch"], rule=f"evaluate_{args.task}")
+    print(f"launch evaluate_{args.task} on {settings.describe()}", flush=True)
     result = launch(ConfigJob("mvptr.evaluate.finetune:finetune", cfg, args.task, paths),
                     name=f"evaluate_{args.task}", folder=job_dir, settings=settings)
     if args.model_out:

@@ -165,13 +165,24 @@ class LaunchSettings:
             raise ConfigError(f"launch.nodes: the local executor runs on one node, got {self.nodes}")
 
     @classmethod
-    def from_config(cls, section: Mapping[str, Any]) -> LaunchSettings:
-        """Settings from a config mapping; an unknown key or a bad value raises ConfigError naming it."""
+    def from_config(cls, section: Mapping[str, Any], rule: str | None = None) -> LaunchSettings:
+        """Settings from the `launch:` section, with the rule's own `launch.rules.<rule>` over it (a recipe asks
+        pre-training for 2 nodes x 8 GPUs and a fine-tuning for 1); an unknown key or a bad value raises
+        ConfigError naming it."""
         known = [f.name for f in dataclasses.fields(cls)]
-        for key in section:
+        own = dict((section.get("rules") or {}).get(rule, {})) if rule else {}
+        merged = {**{k: v for k, v in section.items() if k != "rules"}, **own}
+        for key in merged:
             if key not in known:
-                raise ConfigError(f"launch.{key}: unknown launch setting (known: {', '.join(known)})")
-        return cls(**dict(section))
+                where = f"launch.rules.{rule}.{key}" if key in own else f"launch.{key}"
+                raise ConfigError(f"{where}: unknown launch setting (known: {', '.join(known)})")
+        return cls(**merged)
+
+    def describe(self) -> str:
+        """One line for the log: where the job runs and what it asks for."""
+        mem = f"{self.mem_gb:g} GB" if self.mem_gb else "default memory"
+        return (f"{self.cluster}: {self.nodes} node(s) x {self.tasks_per_node} task(s), {self.gpus_per_node} GPU(s) "
+                f"per node, {self.cpus_per_task} CPU(s) per task, {mem}, {self.timeout_min} min per job")
 
 
 def read_job_record(folder: Path | str) -> dict[str, Any] | None:

@@ -46,7 +46,8 @@ def cmd_stage(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
     paths = StagePaths(**artifact_paths(args), ckpt_dir=args.ckpt_dir.resolve(),
                        init_weights=args.init_weights.resolve() if args.init_weights else None)
-    settings = LaunchSettings.from_config(cfg["launch"])
+    settings = LaunchSettings.from_config(cfg["launch"], rule=f"pretrain_stage{args.stage}")
+    print(f"launch pretrain_stage{args.stage} on {settings.describe()}", flush=True)
     _fit_batch_to_data(cfg, args, settings.nodes * settings.tasks_per_node)
     result = launch(ConfigJob("mvptr.jobs:run_stage", cfg, args.stage, paths),
                     name=f"pretrain_stage{args.stage}", folder=args.job_dir, settings=settings)
