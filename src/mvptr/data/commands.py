@@ -4,7 +4,8 @@
     mvptr data download --source SOURCE --out DIR [key=value ...]     (the download_source rule)
     mvptr data web-images --source SOURCE --dir DIR [key=value ...]   (the fetch_web_images rule; img2dataset)
     mvptr data synth --size tiny --seed 0 --out DIR
-    mvptr data prepare --out DIR [--downloads DIR] [key=value ...]   (the prepare_data rule)
+    mvptr data prepare [--out DIR] [--downloads DIR] [key=value ...] (the prepare_data rule; default DIR: where the
+                                                                     workflow reads it)
     mvptr data check DIR
 """
 
@@ -14,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mvptr.config import add_config_arguments, config_from_args
+from mvptr.config import add_config_arguments, config_from_args, dataset_dir
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
@@ -28,7 +29,12 @@ def cmd_synth(args: argparse.Namespace) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     from mvptr.data.prepare import prepare
 
-    manifest = prepare(config_from_args(args), args.out, args.downloads, log=log, root=args.root)
+    cfg = config_from_args(args)
+    # By default, the folder the workflow reads (resources/datasets/<name>-<hash>, relative to the working
+    # directory), so that a later `snakemake` finds it prepared.
+    out = args.out or dataset_dir(cfg)
+    manifest = prepare(cfg, out, args.downloads, log=log, root=args.root)
+    print(f"prepared {out}", flush=True)
     print(json.dumps(manifest["counts"], sort_keys=True))
 
 
@@ -99,7 +105,8 @@ def register(groups: argparse._SubParsersAction) -> None:
     web.set_defaults(func=cmd_web_images)
 
     prep = data.add_parser("prepare", help="the prepare_data step for the configured dataset")
-    prep.add_argument("--out", type=Path, required=True)
+    prep.add_argument("--out", type=Path, default=None,
+                      help="the folder to write (default: where the workflow reads it, resources/datasets/<name>-<hash>)")
     prep.add_argument("--downloads", type=Path, default=Path("resources/downloads"),
                       help="where the download steps put the sources (a corpus only)")
     add_config_arguments(prep)

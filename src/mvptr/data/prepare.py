@@ -60,7 +60,7 @@ def copy_task_files(task_files: Mapping[str, str | None], out_dir: Path) -> dict
     return copied
 
 
-def prepare_coco_format(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
+def prepare_coco_format(cfg: Mapping[str, Any], out_dir: Path, log: Log = print) -> dict[str, Any]:
     c = dict(cfg["dataset"]["coco_format"])
     task_files = c.pop("task_files")
     paths = {key: (str(Path(value).resolve()) if value else None) for key, value in c.items()}
@@ -69,6 +69,12 @@ def prepare_coco_format(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]
                               "captions": len(ds.captions_coco.dataset["annotations"])}
     if ds.instances_coco is not None:
         counts["objects"] = len(ds.instances_coco.dataset["annotations"])
+        # An image without annotated objects stays: its captions pre-train and it is retrieved; grounding skips
+        # it (gold boxes: no regions, so WPG leaves it out; no referring expression can name one of its boxes).
+        counts["images_without_objects"] = sum(not ds.instances_coco.imgToAnns.get(i) for i in ds.image_ids())
+        if counts["images_without_objects"]:
+            log(f"{counts['images_without_objects']} image(s) have no annotated object: kept for captions and "
+                "retrieval, skipped by grounding (WPG, REC)")
     for split in sorted(set(ds.splits.values())):
         counts[f"images_{split}"] = len(ds.image_ids(split))
     with atomic_dir(out_dir) as tmp:
@@ -80,7 +86,8 @@ def prepare_coco_format(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]
 def prepare(cfg: Mapping[str, Any], out_dir: Path | str, downloads: Path = DOWNLOADS, log: Log = print,
             root: Path | None = None) -> dict[str, Any]:
     """Write the dataset folder for `cfg`; returns its manifest."""
-    makers = {"synthetic": prepare_synthetic, "coco_format": prepare_coco_format}
-    if cfg["dataset"]["name"] not in makers:
-        return prepare_corpus(cfg, Path(out_dir), downloads, log, root)
-    return makers[cfg["dataset"]["name"]](cfg, Path(out_dir))
+    if cfg["dataset"]["name"] == "synthetic":
+        return prepare_synthetic(cfg, Path(out_dir))
+    if cfg["dataset"]["name"] == "coco_format":
+        return prepare_coco_format(cfg, Path(out_dir), log)
+    return prepare_corpus(cfg, Path(out_dir), downloads, log, root)

@@ -188,16 +188,19 @@ class _DetectorSource:
 def _write_store(path: Path, split: str, ids: Sequence[int], reader: ImageReader,
                  source: _BackboneSource | _DetectorSource, attrs: Mapping[str, Any], log: Log) -> dict[str, int]:
     progress = Progress(f"extract {split}", len(ids), "images", log)
-    written = regions_total = 0
+    written = regions_total = empty = 0
     with RegionStoreWriter(path, source.feature_dim, source.categories, {**attrs, "split": split}) as writer:
         for batch in _batches(ids, source.images_per_batch):
             images = {i: image for i in batch if (image := reader.read(i)) is not None}
             for image_id, regions in source.regions(images).items():
                 writer.add(image_id, regions)
                 regions_total += len(regions)
+                empty += not len(regions)
             written += len(images)
             progress.advance(len(batch))
-    return {"images": written, "regions": regions_total}
+    if empty:
+        log(f"{split}: {empty} image(s) without regions (no annotated object): kept for retrieval, skipped by WPG")
+    return {"images": written, "regions": regions_total, "without_regions": empty}
 
 
 def _remove_leftovers(out_dir: Path, names: Sequence[str]) -> None:
