@@ -296,3 +296,33 @@ def test_vinvl_import_names_the_image_whose_objects_do_not_match(tmp_path: Path)
     assert proc.returncode == 2
     assert "line 2 (image 7): 3 feature rows but 1 objects" in proc.stderr
     assert not (tmp_path / "store.h5").exists()
+
+
+def test_a_whole_corpus_gets_its_stores_from_vinvl_files(tiny_world: Path, tmp_path: Path):
+    """regions.boxes=vinvl: each split's store holds the released features of its images; a row of an image
+    outside the corpus is passed over and an image no file covers is listed as skipped."""
+    splits = splits_of(tiny_world)
+    ids = sorted(splits)
+    rng = np.random.default_rng(0)
+    rows = {i: np.concatenate([rng.standard_normal((3, 10)), rng.random((3, 6))], axis=1) for i in ids[1:]}
+    write_features_tsv(tmp_path / "features.tsv", [(f"coco_{i}", v) for i, v in rows.items()]
+                       + [("coco_99999", rows[ids[1]])])
+    classes = ["dog", "cat", "kite"]
+    (tmp_path / "predictions.tsv").write_text("".join(
+        f"coco_{i}\t{json.dumps({'objects': [{'class': c, 'conf': 0.5} for c in classes]})}\n"
+        for i in [*rows, 99999]))
+    files = f"[{{features: {tmp_path / 'features.tsv'}, predictions: {tmp_path / 'predictions.tsv'}, id_offset: 0}}]"
+    out = tmp_path / "regions"
+    summary = extract_region_features(load_config([*FAST, "regions.boxes=vinvl", f"regions.vinvl.files={files}"]),
+                                      tiny_world, out, log=quiet)
+    assert summary["rows_outside_corpus"] == 1 and summary["skipped"] == 1
+    assert [s["image_id"] for s in json.loads((out / "skipped.json").read_text())] == [ids[0]]
+    for split in set(splits.values()):
+        with RegionStore(out / f"{split}.h5") as store:
+            members = [i for i in rows if splits[i] == split]
+            assert len(store) == len(members) and store.tag_vocab == sorted(classes)
+            for i in members:
+                np.testing.assert_array_equal(store.get(i).features, rows[i][:, :10].astype(np.float16))
+                np.testing.assert_array_equal(store.get(i).boxes, rows[i][:, 10:].astype(np.float32))
+    with pytest.raises(ConfigError, match="regions.vinvl.files"):
+        extract_region_features(load_config([*FAST, "regions.boxes=vinvl"]), tiny_world, tmp_path / "x", log=quiet)

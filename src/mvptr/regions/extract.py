@@ -3,7 +3,7 @@
 Why: every method reads the same regions - features, 6 box values and object tags - from one store per
 split, so that differences between methods come from their objectives, not their inputs.
 
-Two ways, by `regions.boxes`:
+Three ways, by `regions.boxes`:
 - `gold` (the embedded world, any dataset with an instances JSON): train the region backbone
   (mvptr.regions.backbone) on the training split's gold object crops, score each head on the val split's
   crops, then store each image's gold boxes (largest first), the backbone's penultimate features of their
@@ -11,6 +11,9 @@ Two ways, by `regions.boxes`:
   its detector's) or the annotated one (`gold`).
 - `detector` (photographs without boxes: CC3M, SBU, your own folder): a torchvision Faster R-CNN gives each
   image's boxes, features and class-name tags in one pass (mvptr.regions.detector); nothing is trained.
+- `vinvl` (the paper's regions): VinVL's released features.tsv + predictions.tsv of each source
+  (`regions.vinvl.files`, image ids shifted by the source's `id_offset`) split into the corpus's stores
+  (mvptr.regions.vinvl); images no file covers are listed in skipped.json.
 Every image is read once (mvptr.regions.images: upright, 8-bit RGB). An unreadable image stops the step with
 a DataError naming its path (`regions.on_bad_image: fail`) or is left out and listed in `skipped.json` with
 the reason (`skip`). Deterministic from `seed` and the `regions.*` config (bit for bit at a given number of
@@ -62,6 +65,7 @@ from mvptr.regions.detector import RegionDetector
 from mvptr.regions.images import ImageReader
 from mvptr.regions.store import Regions, RegionStoreWriter
 from mvptr.regions.torchvision_compat import compiled_ops
+from mvptr.regions.vinvl import VinvlFiles, import_vinvl_corpus
 
 BACKBONE_FILE = "backbone.safetensors"
 METRICS_FILE = "backbone_metrics.json"
@@ -211,10 +215,13 @@ def _remove_leftovers(out_dir: Path, names: Sequence[str]) -> None:
 
 
 def _check_config(regions_cfg: Mapping[str, Any], ds: CocoFormatDataset) -> None:
-    if regions_cfg["boxes"] == "detector":
+    if regions_cfg["boxes"] != "gold":
         if regions_cfg["tags"] == "gold":
-            raise ConfigError("config key 'regions.tags': 'gold' needs regions.boxes=gold (detector boxes carry no "
-                              "annotated category); use regions.tags=predicted")
+            raise ConfigError(f"config key 'regions.tags': 'gold' needs regions.boxes=gold ({regions_cfg['boxes']} "
+                              "boxes carry no annotated category); use regions.tags=predicted")
+        if regions_cfg["boxes"] == "vinvl" and not regions_cfg["vinvl"]["files"]:
+            raise ConfigError("config key 'regions.vinvl.files': regions.boxes=vinvl needs at least one "
+                              "{features, predictions, id_offset} entry (VinVL's released TSV files)")
         return
     if ds.instances_coco is None:
         raise DataError("regions.boxes=gold needs an instances JSON (boxes and categories) to train the backbone; "
@@ -254,6 +261,22 @@ def _detector_source(cfg: Mapping[str, Any], out_dir: Path, log: Log) -> tuple[_
     return _DetectorSource(detector), {"detector": info}
 
 
+def _import_vinvl(rcfg: Mapping[str, Any], ds: CocoFormatDataset, out_dir: Path, started: float,
+                  log: Log) -> dict[str, Any]:
+    """regions.boxes=vinvl: the stores from VinVL's released features of the corpus's sources; an image that
+    no file covers is listed in skipped.json, as an unreadable one would be."""
+    files = [VinvlFiles(Path(f["features"]), Path(f["predictions"]), f["id_offset"]) for f in rcfg["vinvl"]["files"]]
+    summary = import_vinvl_corpus(files, ds.splits, out_dir, rcfg["max_regions"])
+    skipped = [{"image_id": i, "split": ds.splits[i], "path": str(ds.image_path(i)),
+                "reason": "no row in the VinVL features of regions.vinvl.files"} for i in summary.pop("uncovered")]
+    if skipped:
+        log(f"{len(skipped)} image(s) have no VinVL features, listed in {out_dir / SKIPPED_FILE}")
+    if summary["rows_outside_corpus"]:
+        log(f"{summary['rows_outside_corpus']} VinVL row(s) of images outside the corpus passed over")
+    atomic_write_json(out_dir / SKIPPED_FILE, skipped)
+    return {**summary, "skipped": len(skipped), "seconds": round(time.monotonic() - started, 1)}
+
+
 def extract_region_features(cfg: Mapping[str, Any], dataset_dir: Path | str, out_dir: Path | str,
                             log: Log = print) -> dict[str, Any]:
     """Run the whole step; returns a summary (regions per split, images skipped, val accuracy, seconds)."""
@@ -266,6 +289,8 @@ def extract_region_features(cfg: Mapping[str, Any], dataset_dir: Path | str, out
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(out_dir, [f"{s}.h5" for s in splits] + [BACKBONE_FILE, METRICS_FILE, SKIPPED_FILE,
                                                               DETECTOR_FILE])
+    if rcfg["boxes"] == "vinvl":
+        return _import_vinvl(rcfg, ds, out_dir, started, log)
     if rcfg["boxes"] == "detector":
         reader = ImageReader(ds, rcfg["on_bad_image"], max_side=rcfg["detector"]["max_size"])
         source, summary = _detector_source(cfg, out_dir, log)

@@ -25,7 +25,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -156,30 +157,97 @@ def _regions(values: np.ndarray, objects: list[tuple[str, float]], tag_ids: dict
     return Regions(values[keep, :-NUM_BOX_VALUES], values[keep, -NUM_BOX_VALUES:], tags)
 
 
+def _vocabulary(objects: Iterable[dict[str, list[tuple[str, float]]]]) -> list[str]:
+    return sorted({name for image_objects in objects for image in image_objects.values() for name, _ in image})
+
+
+def _rows(features: Path, predictions: Path, objects: dict[str, list[tuple[str, float]]], tag_ids: dict[str, int],
+          dim: int, max_regions: int | None) -> Iterator[tuple[int, Regions, str]]:
+    """(image id, its regions, where) for every row of features.tsv, checked against its predictions."""
+    for number, line in _iter_rows(features):
+        where = f"{features} line {number + 1}"
+        key, values = decode_row(line, where)
+        if key not in objects:
+            raise DataError(f"{where}: image {key} has no row in {predictions}")
+        if len(values) and values.shape[1] != dim + NUM_BOX_VALUES:
+            raise DataError(f"{where} (image {key}): {values.shape[1]} values per region, expected "
+                            f"{dim + NUM_BOX_VALUES} like the first row")
+        values = values.reshape(len(values), dim + NUM_BOX_VALUES)
+        yield (parse_image_id(key, where), _regions(values, objects[key], tag_ids, max_regions,
+                                                    f"{where} (image {key})"), where)
+
+
+def _add(writer: RegionStoreWriter, image_id: int, regions: Regions, where: str) -> None:
+    try:
+        writer.add(image_id, regions)
+    except ValueError as err:  # e.g. the same image id twice
+        raise DataError(f"{where}: {err}") from err
+
+
 def import_vinvl(features: Path | str, predictions: Path | str, out: Path | str,
                  max_regions: int | None = None) -> dict[str, Any]:
     """Convert a VinVL features.tsv + predictions.tsv pair into one region store (written atomically)."""
     features, predictions = Path(features), Path(predictions)
     objects = read_predictions(predictions)
-    vocab = sorted({name for image in objects.values() for name, _ in image})
-    tag_ids = {name: k for k, name in enumerate(vocab)}
+    vocab = _vocabulary([objects])
     dim = _feature_width(features)
     images = regions = 0
     attrs = {"source": "vinvl", "features": str(features), "predictions": str(predictions)}
     with RegionStoreWriter(out, dim, vocab, attrs) as writer:
-        for number, line in _iter_rows(features):
-            where = f"{features} line {number + 1}"
-            key, values = decode_row(line, where)
-            if key not in objects:
-                raise DataError(f"{where}: image {key} has no row in {predictions}")
-            if len(values) and values.shape[1] != dim + NUM_BOX_VALUES:
-                raise DataError(f"{where} (image {key}): {values.shape[1]} values per region, expected "
-                                f"{dim + NUM_BOX_VALUES} like the first row")
-            values = values.reshape(len(values), dim + NUM_BOX_VALUES)
-            image_regions = _regions(values, objects[key], tag_ids, max_regions, f"{where} (image {key})")
-            try:
-                writer.add(parse_image_id(key, where), image_regions)
-            except ValueError as err:  # e.g. the same image id twice
-                raise DataError(f"{where}: {err}") from err
+        for image_id, image_regions, where in _rows(features, predictions, objects,
+                                                    {name: k for k, name in enumerate(vocab)}, dim, max_regions):
+            _add(writer, image_id, image_regions, where)
             images, regions = images + 1, regions + len(image_regions)
     return {"images": images, "regions": regions, "feature_dim": dim, "tags": len(vocab)}
+
+
+@dataclass(frozen=True)
+class VinvlFiles:
+    """One source's released pair, and the offset its image ids take in the prepared corpus (the source's
+    catalog `id_offset`: COCO 0, Visual Genome 1e9, ...)."""
+
+    features: Path
+    predictions: Path
+    id_offset: int = 0
+
+
+def import_vinvl_corpus(files: Sequence[VinvlFiles], splits: Mapping[int, str], out_dir: Path | str,
+                        max_regions: int | None = None) -> dict[str, Any]:
+    """Region stores for a whole prepared corpus ({split}.h5, as the region step writes them) from VinVL's
+    released pairs of its sources. Rows of images the corpus does not have are counted and passed over; the
+    corpus's images that no file covers are returned (`uncovered`) for the caller to list as skipped."""
+    out_dir = Path(out_dir)
+    objects = [read_predictions(Path(f.predictions)) for f in files]
+    vocab = _vocabulary(objects)
+    tag_ids = {name: k for k, name in enumerate(vocab)}
+    dims = {_feature_width(Path(f.features)) for f in files}
+    if len(dims) != 1:
+        raise DataError(f"VinVL files of different feature widths {sorted(dims)}: "
+                        f"{', '.join(str(f.features) for f in files)}")
+    (dim,) = dims
+    written: set[int] = set()
+    counts = {split: {"images": 0, "regions": 0} for split in sorted(set(splits.values()))}
+    outside = 0
+    writers = {split: RegionStoreWriter(out_dir / f"{split}.h5", dim, vocab, {"source": "vinvl", "split": split})
+               for split in counts}
+    try:
+        for f, image_objects in zip(files, objects):
+            for image_id, regions, where in _rows(Path(f.features), Path(f.predictions), image_objects, tag_ids,
+                                                  dim, max_regions):
+                image_id += f.id_offset
+                if image_id not in splits:
+                    outside += 1
+                    continue
+                split = splits[image_id]
+                _add(writers[split], image_id, regions, where)
+                written.add(image_id)
+                counts[split]["images"] += 1
+                counts[split]["regions"] += len(regions)
+        for writer in writers.values():
+            writer.close()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    return {"splits": counts, "feature_dim": dim, "tags": len(vocab), "rows_outside_corpus": outside,
+            "uncovered": sorted(set(splits) - written)}
