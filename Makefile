@@ -43,6 +43,10 @@ $(STAMP): pyproject.toml Makefile
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
 	$(VENV)/bin/python -m pip install --quiet -e '.[dev,detector]'
+	# Every interpreter of the venv prepares torchvision's operators before anything imports it (transformers
+	# does): PyPI's CUDA-built torchvision cannot load them beside a CPU torch (mvptr.regions.torchvision_compat).
+	printf 'import mvptr.regions.torchvision_compat as c; c.install_import_hook()\n' > \
+		"$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/mvptr_torchvision.pth"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

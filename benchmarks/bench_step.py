@@ -33,32 +33,14 @@ from transformers import BertConfig, BertModel
 
 from mvptr.atomic import atomic_write_json
 from mvptr.config import load_config, project_root
+from mvptr.estimate.flops import Shape
+from mvptr.estimate.measure import random_batch
 from mvptr.models import model_class
+from mvptr.objectives import uses_questions
 from mvptr.objectives.step import PretrainStep, momentum_options
 from mvptr.train.stages import stage_objectives
 
 VOCAB = 30522 + 200  # the tokenizer's word pieces + concept rows
-
-
-def random_batch(batch: int, text: int, tags: int, regions: int, feature_dim: int, device: torch.device) -> dict:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 30000, (batch, text), generator=g)
-    ids[:, 0], ids[:, -1] = 101, 102
-    concept_mask = torch.zeros(batch, text, dtype=torch.bool)
-    concept_mask[:, -6:-1] = True  # 5 concept slots before [SEP]
-    links = torch.zeros(batch, text, text, dtype=torch.bool)
-    links[:, -6:-1, 1:6] = True
-    tag_ids = torch.randint(1000, 30000, (batch, tags), generator=g)
-    tag_ids[:, 0], tag_ids[:, -1] = 101, 102
-    out = {"input_ids": ids, "attention_mask": torch.ones(batch, text, dtype=torch.long), "concept_mask": concept_mask,
-           "concept_links": links, "tag_ids": tag_ids, "tag_mask": torch.ones(batch, tags, dtype=torch.long),
-           "region_feats": torch.randn(batch, regions, feature_dim, generator=g).half(),
-           "region_boxes": torch.rand(batch, regions, 6, generator=g),
-           "region_mask": torch.ones(batch, regions, dtype=torch.long),
-           # each region's object tag as one word piece (SIMLA's XMM target)
-           "region_tags": torch.randint(1000, 30000, (batch, regions), generator=g),
-           "image_ids": torch.arange(batch), "caption_ids": torch.arange(batch)}
-    return {k: v.to(device) for k, v in out.items()}
 
 
 def median_seconds(steps: dict[str, Callable[[], None]], rounds: int, device: torch.device) -> dict[str, float]:
@@ -108,7 +90,9 @@ def main() -> None:
     objectives = stage_objectives(cfg, 2)
     ours = PretrainStep(model, objectives, pcfg["objectives"], torch.Generator().manual_seed(0),
                         **momentum_options(cfg)).to(device)
-    batch = random_batch(args.batch, text, tags, args.regions, feature_dim, device)
+    # The batch `mvptr estimate --measure` times too (every slot filled; SemVLP's QA questions when it has them).
+    shape = Shape(args.batch, pcfg["max_words"], pcfg["max_concepts"], tags, args.regions)
+    batch = random_batch(shape, feature_dim, device, config.qa_answers if uses_questions(objectives) else None)
     layers = mcfg["num_text_layers"] + mcfg["num_visual_layers"] + mcfg["num_cross_layers"]
     bare = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=mcfg["hidden_size"], num_hidden_layers=layers,
                                 num_attention_heads=mcfg["num_attention_heads"],

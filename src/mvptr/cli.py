@@ -22,7 +22,7 @@ from mvptr.errors import ConfigError
 
 COMMAND_MODULES = ["mvptr.data.commands", "mvptr.concepts.commands", "mvptr.regions.commands",
                    "mvptr.train.commands", "mvptr.compare_commands", "mvptr.evaluate.commands",
-                   "mvptr.dvc_stages"]
+                   "mvptr.dvc_stages", "mvptr.models.commands", "mvptr.estimate_commands"]
 
 
 def cmd_config_show(args: argparse.Namespace) -> None:
