@@ -21,7 +21,6 @@ autocast, as the trainer). Writes `results/benchmarks/step_<model>_<device>.json
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -34,10 +33,7 @@ from transformers import BertConfig, BertModel
 from mvptr.atomic import atomic_write_json
 from mvptr.config import load_config, project_root
 from mvptr.estimate.flops import Shape
-from mvptr.estimate.measure import random_batch
-from mvptr.models import model_class
-from mvptr.objectives import uses_questions
-from mvptr.objectives.step import PretrainStep, momentum_options
+from mvptr.estimate.measure import step_on_random_batch
 from mvptr.train.stages import stage_objectives
 
 VOCAB = 30522 + 200  # the tokenizer's word pieces + concept rows
@@ -75,24 +71,11 @@ def main() -> None:
     cfg = load_config([f"method.name={args.method}", f"model.name={args.model}"])
     mcfg, pcfg = cfg["model"], cfg["pretrain"]
     text = 2 + pcfg["max_words"] + pcfg["max_concepts"]
-    tags, feature_dim = pcfg["max_tags"], cfg["regions"]["feature_dim"]
-    torch.manual_seed(0)
-    # Built without the tokenizer (random ids need none; the special ids keep BERT's uncased defaults), so the
-    # benchmark runs where the packaged vocabulary is not installed (a GPU machine with torch + transformers).
-    # Otherwise as `VLConfig.from_project`: the model's and the method's keys, the heads of its objectives.
-    model_cls = model_class(cfg["method"]["name"])
-    fields = {f.name for f in dataclasses.fields(model_cls.config_class)}
-    config = model_cls.config_class(vocab_size=VOCAB, region_feature_dim=feature_dim,
-                                    objectives=list(pcfg["objectives"]),
-                                    **{k: v for section in ("model", "method") for k, v in cfg[section].items()
-                                       if k in fields})
-    model = model_cls(config).to(device)
+    tags = pcfg["max_tags"]
     objectives = stage_objectives(cfg, 2)
-    ours = PretrainStep(model, objectives, pcfg["objectives"], torch.Generator().manual_seed(0),
-                        **momentum_options(cfg)).to(device)
-    # The batch `mvptr estimate --measure` times too (every slot filled; SemVLP's QA questions when it has them).
+    # The step and random batch `mvptr estimate --measure` times too (every slot filled; SemVLP's questions).
     shape = Shape(args.batch, pcfg["max_words"], pcfg["max_concepts"], tags, args.regions)
-    batch = random_batch(shape, feature_dim, device, config.qa_answers if uses_questions(objectives) else None)
+    model, ours, batch = step_on_random_batch(cfg, objectives, shape, device, VOCAB)
     layers = mcfg["num_text_layers"] + mcfg["num_visual_layers"] + mcfg["num_cross_layers"]
     bare = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=mcfg["hidden_size"], num_hidden_layers=layers,
                                 num_attention_heads=mcfg["num_attention_heads"],

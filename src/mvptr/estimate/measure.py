@@ -226,11 +226,12 @@ def random_batch(shape: Shape, feature_dim: int, device: Any, qa_answers: int | 
     return {k: v.to(device) for k, v in out.items()}
 
 
-def measure_step(cfg: Mapping[str, Any], stage: int = 2, *, rounds: int = 3, vocab: int = DEFAULT_VOCAB,
-                 device: str | None = None) -> Measured:
-    """Time the stage's step (forward, backward, the momentum update; no optimiser, as bench_step) of `cfg`'s
-    method and model on a random batch at `cfg`'s shape, here: the median of `rounds` calls after two warm-up
-    calls. bf16 autocast on CUDA, as the trainer."""
+def step_on_random_batch(cfg: Mapping[str, Any], objectives: Sequence[str], shape: Shape, device: Any,
+                         vocab: int = DEFAULT_VOCAB) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, PretrainStep of `objectives`, random batch at `shape`) of cfg's method and model on `device`,
+    what `--measure` and benchmarks/bench_step.py time. Built without the tokenizer (random ids need none; the
+    special ids keep BERT's uncased defaults), so that it runs where the packaged vocabulary is not installed;
+    otherwise as `VLConfig.from_project`: the model's and the method's keys, the heads of the objectives."""
     import dataclasses
 
     import torch
@@ -239,6 +240,28 @@ def measure_step(cfg: Mapping[str, Any], stage: int = 2, *, rounds: int = 3, voc
     from mvptr.objectives import uses_questions
     from mvptr.objectives.step import PretrainStep, momentum_options
 
+    pcfg, feature_dim = cfg["pretrain"], cfg["regions"]["feature_dim"]
+    torch.manual_seed(0)
+    model_cls = model_class(cfg["method"]["name"])
+    fields = {f.name for f in dataclasses.fields(model_cls.config_class)}
+    config = model_cls.config_class(vocab_size=vocab, region_feature_dim=feature_dim,
+                                    objectives=list(pcfg["objectives"]),
+                                    **{k: v for section in ("model", "method") for k, v in cfg[section].items()
+                                       if k in fields})
+    model = model_cls(config).to(device)
+    step = PretrainStep(model, objectives, pcfg["objectives"], torch.Generator().manual_seed(0),
+                        **momentum_options(cfg)).to(device)
+    qa = config.qa_answers if uses_questions(objectives) else None
+    return model, step, random_batch(shape, feature_dim, device, qa, vocab)
+
+
+def measure_step(cfg: Mapping[str, Any], stage: int = 2, *, rounds: int = 3, vocab: int = DEFAULT_VOCAB,
+                 device: str | None = None) -> Measured:
+    """Time the stage's step (forward, backward, the momentum update; no optimiser, as bench_step) of `cfg`'s
+    method and model on a random batch at `cfg`'s shape, here: the median of `rounds` calls after two warm-up
+    calls. bf16 autocast on CUDA, as the trainer."""
+    import torch
+
     objectives = stage_objectives(cfg, stage)
     if not objectives:
         raise ConfigError(f"--measured-stage {stage}: the config trains nothing in stage {stage} (schedule "
@@ -246,20 +269,8 @@ def measure_step(cfg: Mapping[str, Any], stage: int = 2, *, rounds: int = 3, voc
     if rounds < 1:
         raise ConfigError(f"--measure-rounds: must be >= 1, got {rounds}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pcfg, feature_dim = cfg["pretrain"], cfg["regions"]["feature_dim"]
     shape = stage_shape(cfg, stage)
-    torch.manual_seed(0)
-    # Built as benchmarks/bench_step.py builds it: without the tokenizer (random ids; BERT's special ids).
-    model_cls = model_class(cfg["method"]["name"])
-    fields = {f.name for f in dataclasses.fields(model_cls.config_class)}
-    config = model_cls.config_class(vocab_size=vocab, region_feature_dim=feature_dim,
-                                    objectives=list(pcfg["objectives"]),
-                                    **{k: v for section in ("model", "method") for k, v in cfg[section].items()
-                                       if k in fields})
-    model = model_cls(config).to(dev)
-    step = PretrainStep(model, objectives, pcfg["objectives"], torch.Generator().manual_seed(0),
-                        **momentum_options(cfg)).to(dev)
-    batch = random_batch(shape, feature_dim, dev, config.qa_answers if uses_questions(objectives) else None, vocab)
+    model, step, batch = step_on_random_batch(cfg, objectives, shape, dev, vocab)
     bf16 = dev.type == "cuda"
 
     def one_step() -> float:
