@@ -96,7 +96,8 @@ def test_prepare_and_check_a_coco_format_dataset_through_the_cli(tmp_path: Path)
     ds = open_prepared(out)
     assert ds.image_ids("test") == [3]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"] == {"images": 3, "captions": 6, "objects": 3, "images_train": 2, "images_test": 1}
+    assert manifest["counts"] == {"images": 3, "captions": 6, "objects": 3, "images_train": 2, "images_test": 1,
+                                  "images_without_objects": 0}
     check = run_mvptr("data", "check", str(out), check=True)
     assert json.loads(check.stdout) == {"captions": 6, "test": 1, "train": 2}
 
