@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from conftest import run_mvptr
 from safetensors.torch import load_file, safe_open, save_file, save_model
 
+from mvptr.checkpoint_files import read_checkpoint
 from mvptr.config import config_hash, load_config
 from mvptr.errors import ConfigError, DataError
 from mvptr.models import build_model
@@ -32,7 +33,6 @@ from mvptr.models.import_checkpoint import (
     UNRECOGNISED,
     concept_rows,
     import_checkpoint,
-    read_checkpoint,
 )
 
 torch.set_num_threads(1)

@@ -60,31 +60,10 @@ Use:
     print(format_table(report(cfg, measured, rows, vocab=30522)))
 """
 
-
-from mvptr.estimate.flops import (
-                                  DEFAULT_VOCAB,
-                                  TASKS,
-                                  bert_layer,
-                                  first_step_mode,
-                                  mode_steps,
-                                  rule_gpus,
-                                  stage_objectives,
-                                  stage_shape,
-                                  step_passes,
-                                  task_passes,
-                                  task_shape,
-                                  total,
-)
-from mvptr.estimate.measure import (
-                                  Measured,
-                                  from_benchmark,
-                                  from_step_seconds,
-                                  load_recipe,
-                                  measure_step,
-                                  measured_overrides,
-                                  random_batch,
-                                  recipe_overrides,
-)
+from mvptr.estimate.flops import (DEFAULT_VOCAB, TASKS, bert_layer, first_step_mode, mode_steps, rule_gpus,
+                                  stage_objectives, stage_shape, step_passes, task_passes, task_shape, total)
+from mvptr.estimate.measure import (Measured, from_benchmark, from_step_seconds, load_recipe, measure_step,
+                                    measured_overrides, random_batch, recipe_overrides)
 from mvptr.estimate.table import estimate_rows, format_table, report
 
 __all__ = ["DEFAULT_VOCAB", "TASKS", "Measured", "bert_layer", "estimate_rows", "first_step_mode", "format_table",

@@ -435,6 +435,8 @@ def retrieval_options(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def stage_objectives(cfg: Mapping[str, Any], stage: int) -> list[str]:
+    """mvptr.train.stages' answer, imported only when asked: it imports torch (4 s), which an estimate from a
+    given step time never needs."""
     from mvptr.train.stages import stage_objectives as objectives_of
 
     return objectives_of(cfg, stage)

@@ -103,7 +103,8 @@ def cmd_import(args: argparse.Namespace) -> None:
     feature_dim = region_feature_dim(args.regions) if args.regions is not None else args.feature_dim
     # torch and transformers are imported only once the arguments are known to be usable.
     from mvptr.atomic import atomic_write_json
-    from mvptr.models.import_checkpoint import concept_rows, import_checkpoint, read_checkpoint, save_weights
+    from mvptr.checkpoint_files import read_checkpoint
+    from mvptr.models.import_checkpoint import concept_rows, import_checkpoint, save_weights
 
     concepts = None
     if args.id2phrase is not None:

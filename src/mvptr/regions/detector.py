@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mvptr.checkpoint_files import read_checkpoint
 from mvptr.errors import ConfigError
 from mvptr.regions.boxes import box_values
 from mvptr.regions.store import Regions
@@ -108,17 +109,6 @@ def cached_weights_path(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(_weights_enum(arch).url).name
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ConfigError(f"config key 'regions.detector.weights': no file {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("model", state) if isinstance(state, dict) else state
-
-
 def _weights_file(settings: DetectorSettings) -> Path:
     if settings.weights != "torchvision":
         return Path(settings.weights).expanduser()
@@ -150,7 +140,9 @@ def build_detector(settings: DetectorSettings, seed: int) -> tuple[torch.nn.Modu
     origin: dict[str, Any] = {"arch": settings.arch, "weights": settings.weights, "classes": len(categories)}
     if settings.weights != "random":
         path = _weights_file(settings)
-        missing, unexpected = model.load_state_dict(_read_state_dict(path), strict=False)
+        if not path.is_file():
+            raise ConfigError(f"config key 'regions.detector.weights': no file {path}")
+        missing, unexpected = model.load_state_dict(read_checkpoint(path), strict=False)
         if missing or unexpected:
             raise ConfigError(f"config key 'regions.detector.weights': {path} does not fit {settings.arch} with "
                               f"{len(categories)} classes ({len(missing)} missing, e.g. {missing[:2]}; "

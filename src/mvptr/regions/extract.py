@@ -203,7 +203,8 @@ def _write_store(path: Path, split: str, ids: Sequence[int], reader: ImageReader
             written += len(images)
             progress.advance(len(batch))
     if empty:
-        log(f"{split}: {empty} image(s) without regions (no annotated object): kept for retrieval, skipped by WPG")
+        log(f"{split}: {empty} image(s) without regions (no gold object, or none detected): kept for retrieval, "
+            "skipped by WPG")
     return {"images": written, "regions": regions_total, "without_regions": empty}
 
 
