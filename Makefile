@@ -42,7 +42,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
-	$(VENV)/bin/python -m pip install --quiet -e '.[dev,detector]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev,detector,workflow]'
 	# Every interpreter of the venv prepares torchvision's operators before anything imports it (transformers
 	# does): PyPI's CUDA-built torchvision cannot load them beside a CPU torch (mvptr.regions.torchvision_compat).
 	printf 'import mvptr.regions.torchvision_compat as c; c.install_import_hook()\n' > \
@@ -52,7 +52,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(RUN) snakemake --cores $(CORES) --workflow-profile workflow/profiles/default all
-	@cat results/summary/*/ablations.md
+	@cat results/summary/*/headline.md
 
 # Test files run in parallel (pytest-xdist; one file per worker keeps each file's fixtures in one process):
 # most of the suite's time is subprocesses, Snakemake and the SLURM cluster waiting, not both cores busy.

@@ -22,6 +22,7 @@ include: "workflow/rules/regions.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/dvc.smk"
 
 
 rule all:
@@ -33,6 +34,7 @@ rule all:
         stage_outputs(),
         evaluation_outputs(),
         summary_outputs(),
+        dvc_exports(),
 
 
 rule data_only:
@@ -52,3 +54,4 @@ rule evaluate_only:
     input:
         evaluation_outputs(),
         summary_outputs(),
+        dvc_exports(),

@@ -10,7 +10,6 @@ Run: .venv/bin/python -m pytest tests/test_compare.py      (starts an `mlflow se
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -29,8 +28,8 @@ import pytest
 from PIL import Image
 
 from mvptr import tracking
+from mvptr.cli import main
 from mvptr.compare import summary_table
-from mvptr.compare_commands import register
 from mvptr.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,10 +159,10 @@ def log_study(base: dict) -> None:
 
 
 def run_compare(*argv: str) -> None:
-    parser = argparse.ArgumentParser(prog="mvptr")
-    register(parser.add_subparsers(dest="group", required=True))
-    args = parser.parse_args(["compare", *argv])
-    args.func(args)
+    """`mvptr compare ...` in this process, as the command runs it: a bad input exits (SystemExit) with code 2."""
+    code = main(["compare", *argv])
+    if code:
+        raise SystemExit(code)
 
 
 @pytest.fixture(scope="module")

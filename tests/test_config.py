@@ -26,9 +26,8 @@ def test_an_override_selects_another_layer():
 
 @pytest.fixture
 def layered_root(tmp_path: Path) -> Path:
-    """A copy of the project's configs and schema, to add values to single layers."""
+    """A copy of the project's configs (the schema ships in the package), to add values to single layers."""
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
-    shutil.copytree(ROOT / "workflow" / "schemas", tmp_path / "workflow" / "schemas")
     return tmp_path
 
 

@@ -1,13 +1,15 @@
-"""DVC's front door: dvc.yaml is derived from the Snakemake DAG, declares exactly its targets' outputs, and a
-real `dvc repro` / `dvc push` to a local remote / fresh copy + `dvc pull` round trip leaves `dvc status` clean and
-`snakemake -n` with nothing to do (after `make pull`'s `snakemake --touch`).
-
-The round trip runs the tiny config of test_workflow.py (one method) in a copy of the working tree (a few minutes).
+"""DVC's front door: dvc.yaml is derived from the Snakemake DAG and declares exactly its outputs; in a copy of the
+tree with the tiny config of test_workflow.py (one method), one real `dvc repro` serves three checks (a few
+minutes): a stage-two edit reruns only the jobs downstream of stage two (persistent outputs), a `dvc push` /
+fresh clone + `make pull` round trip leaves `dvc status` clean and `snakemake -n` with nothing to do, and
+`dvc exp run -S configs/default.yaml:seed=3` is an experiment that `dvc exp show` lists with its task metrics.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,14 +38,19 @@ def test_committed_dvc_yaml_is_the_one_derived_from_the_dag():
     assert yaml.safe_load((ROOT / "dvc.yaml").read_text()) == build([], ROOT), "run `mvptr dvc write`"
 
 
-def test_dvc_declares_exactly_the_outputs_of_the_snakemake_targets_it_calls():
+def test_dvc_declares_exactly_the_outputs_of_the_snakemake_workflow():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    targets = {stage["cmd"].split()[-1] for stage in dvc["stages"].values()}  # the last target: the one it runs
-    assert targets == {"pretrain_only", "evaluate_only"}
-    called = set().union(*(target_outputs(t, [], ROOT) for t in targets))
-    assert declared_outputs(dvc) == called
-    # ... and together they are the whole workflow.
-    assert called == set(target_outputs("all", [], ROOT))
+    assert [stage["cmd"].split()[-1] for stage in dvc["stages"].values()] == ["all"]
+    outputs = set(target_outputs("all", [], ROOT))
+    declared = declared_outputs(dvc)
+
+    def covered(path: str) -> bool:
+        return any(path == d or path.startswith(d + "/") for d in declared)
+
+    assert all(covered(path) for path in outputs), sorted(p for p in outputs if not covered(p))
+    assert all(any(p == d or p.startswith(d + "/") for p in outputs) for d in declared)
+    # persistent: DVC never deletes them before Snakemake decides what to redo
+    assert all(next(iter(item.values()))["persist"] for item in dvc["stages"]["workflow"]["outs"])
 
 
 def copy_tree(dest: Path) -> Path:
@@ -60,11 +67,30 @@ def copy_tree(dest: Path) -> Path:
     return dest
 
 
-def test_repro_push_then_pull_in_a_fresh_copy_leaves_nothing_to_do(tmp_path: Path):
+def jobs_run(output: str) -> set[str]:
+    """The rules of the jobs a Snakemake run did, from its `Job stats` table."""
+    table = output.split("Job stats:")[-1].split("\n\n")[0]
+    return {m.group(1) for m in re.finditer(r"^(\w+)\s+\d+$", table, re.M)} - {"total"}
+
+
+def test_repro_reruns_only_what_changed_round_trips_and_runs_experiments(tmp_path: Path):
     first = copy_tree(tmp_path / "first")
     remote = tmp_path / "remote"
     run([str(BIN / "mvptr"), "dvc", "write", "--root", str(first), *_overrides()], first)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "dvc.yaml"], first)
     run([str(BIN / "dvc"), "repro"], first, timeout=1200)
+
+    # A stage-two key (one the --config overrides leave to configs/default.yaml) changes: only stage two and what
+    # reads it are redone, not the data, concepts, regions or stage one.
+    config = first / "configs/default.yaml"
+    text = config.read_text()
+    stage2 = text.index("  stage2:")
+    config.write_text(text[:stage2] + text[stage2:].replace("lr: 0.0005", "lr: 0.0004", 1))
+    again = run([str(BIN / "dvc"), "repro"], first, timeout=1200)
+    done = jobs_run(again.stdout + again.stderr)
+    assert done == {"all", "pretrain_stage2", "summarize", "dvc_export"} | {r for r in done if r.startswith(
+        "evaluate_")} and any(r.startswith("evaluate_") for r in done), done
+
     run([str(BIN / "dvc"), "remote", "add", "-d", "local", str(remote)], first)
     run([str(BIN / "dvc"), "push"], first)
     run(["git", "add", "-A"], first)
@@ -79,6 +105,15 @@ def test_repro_push_then_pull_in_a_fresh_copy_leaves_nothing_to_do(tmp_path: Pat
     assert "up to date" in status.stdout, status.stdout
     dry = run([str(BIN / "snakemake"), "-n", "--config", *ONE_METHOD], second)
     assert "Nothing to be done" in dry.stdout + dry.stderr
+
+    # A seed is an experiment: its params and every task metric are in `dvc exp show`.
+    run([str(BIN / "dvc"), "exp", "run", "-n", "seed3", "-S", "configs/default.yaml:seed=3"], first, timeout=1200)
+    shown = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json"], first).stdout)
+    exps = [exp for rev in shown for exp in (rev.get("experiments") or [])]
+    seed3 = next(run["revs"][0]["data"] for run in exps if run.get("name") == "seed3")
+    assert seed3["params"]["configs/default.yaml"]["data"]["seed"] == 3
+    metrics = seed3["metrics"]["results/dvc/metrics.json"]["data"]
+    assert {"retrieval", "vqa", "ve", "rec", "nlvr2"} <= {key.split("/")[2] for key in metrics}, metrics
 
 
 def _overrides() -> list[str]:

@@ -156,6 +156,23 @@ def test_local_job_returns_result_and_records_job_id(tmp_path: Path, work: Path)
     assert [step for _, step in _starts(work)] == [0, 3]
 
 
+class Chatty(submitit.helpers.Checkpointable):
+    """Prints a progress line to stdout and one to stderr, slowly enough for the launcher to poll between."""
+
+    def __call__(self) -> str:
+        print("step 1 loss 0.5", flush=True)
+        time.sleep(0.5)
+        print("step 2 warning", file=sys.stderr, flush=True)
+        return "done"
+
+
+def test_job_output_is_forwarded_to_the_launchers_stdout(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    assert launch(Chatty(), name="chatty", folder=tmp_path / "log", settings=LOCAL, log=lambda _: None) == "done"
+    out = capfd.readouterr().out
+    # each line once (offsets are followed), both of rank 0's logs
+    assert out.count("step 1 loss 0.5") == 1 and out.count("step 2 warning") == 1, out
+
+
 def test_multi_task_local_job_returns_rank_zero_result(tmp_path: Path, work: Path) -> None:
     settings = LaunchSettings(cluster="local", timeout_min=5, tasks_per_node=2, poll_seconds=0.1)
     result = launch(Toy(str(work), 2), name="toy", folder=tmp_path / "log", settings=settings, log=lambda _: None)

@@ -53,11 +53,21 @@ def sacct_states(job_ids: list[str]) -> dict[str, str]:
     return dict(line.split("|", 1) for line in out.splitlines() if line)
 
 
+def sacct_gpus(job_ids: list[str]) -> dict[str, int]:
+    """The GPUs each job's allocation held (sacct's AllocTRES gres/gpu)."""
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "--format=JobID,AllocTRES", "-j", ",".join(job_ids)],
+                         capture_output=True, text=True, check=True).stdout
+    found = {}
+    for line in out.splitlines():
+        job, _, tres = line.partition("|")
+        match = re.search(r"gres/gpu=(\d+)", tres)
+        found[job] = int(match.group(1)) if match else 0
+    return found
+
+
 def test_slurm_run_is_accounted_and_equals_the_local_run(slurm: None, tmp_path: Path):
     local, cluster = tmp_path / "local", tmp_path / "slurm"
-    # MVPTR's full run only: its 7 trainer jobs share the one fake GPU, and its 7 waiting rule jobs (one CPU each)
-    # leave the test cluster's 8 CPUs room for a trainer (both methods' 10 evaluation rules would hold them all;
-    # a rule job holding an allocation while its trainer waits is issue [5/7]).
+    # MVPTR's full run only: its 7 trainer jobs share the one fake GPU (more methods would only queue longer).
     config = [item if not item.startswith("methods=") else "methods=[mvptr]" for item in FAST]
     assert config != FAST
     proc = snakemake("--cores", "2", "--workflow-profile", str(ROOT / "workflow/profiles/default"),
@@ -73,7 +83,17 @@ def test_slurm_run_is_accounted_and_equals_the_local_run(slurm: None, tmp_path: 
     # two pre-training stages and five downstream tasks, each its own submitit job on SLURM
     assert len(trainer_jobs) == 7 and all(job["cluster"] == "slurm" for job in trainer_jobs), trainer_jobs
     states = sacct_states(rule_jobs + [job["job_id"] for job in trainer_jobs])
-    assert len(rule_jobs) >= 7 and set(states.values()) == {"COMPLETED"}, states
+    assert len(rule_jobs) >= 4 and set(states.values()) == {"COMPLETED"}, states
+    # One allocation per GPU step: the GPU rules ran on the head (Snakemake's "localrule"), so their trainer
+    # jobs are the only allocations that hold a GPU, one each, and no rule job waited beside them.
+    out = proc.stdout + proc.stderr
+    gpu_rules = {"pretrain_stage1", "pretrain_stage2", *(f"evaluate_{t}" for t in ("retrieval", "vqa", "ve", "rec",
+                                                                                    "nlvr2"))}
+    assert set(re.findall(r"^localrule (\w+):", out, re.M)) == gpu_rules
+    assert not gpu_rules & set(re.findall(r"^rule (\w+):", out, re.M))
+    gpus = sacct_gpus(rule_jobs + [job["job_id"] for job in trainer_jobs])
+    assert sorted(gpus.values()) == [0] * len(rule_jobs) + [1] * len(trainer_jobs), gpus
+    assert {job["job_id"] for job in trainer_jobs} == {j for j, n in gpus.items() if n}
 
     assert results(cluster) == results(local)
 
@@ -88,3 +108,36 @@ def test_a_bare_profile_name_works_after_the_one_time_install(tmp_path: Path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pretrain_stage2" in proc.stdout
+
+
+def test_a_requeued_trainer_resumes_at_the_step_it_was_signalled(slurm: None, artifacts, tmp_path: Path):
+    """`scancel --signal=USR2` (what SLURM sends before a preemption or the time limit) to a running trainer
+    job: it writes its checkpoint at that step, submitit requeues it (`scontrol requeue`, the same job id), and the
+    requeued job resumes at that step, not at the last periodic checkpoint. Extra sbatch options from
+    launch.slurm_extra reach the job's script."""
+    ckpt, job, out = tmp_path / "ckpt", tmp_path / "job", tmp_path / "out"
+    cmd = [str(Path(os.sys.executable)), "-m", "mvptr.cli", "pretrain", "stage", "--stage", "1",
+           *(f"--{k}={artifacts[k]}" for k in ("dataset", "concepts", "vocab", "regions")), f"--ckpt-dir={ckpt}",
+           f"--job-dir={job}", f"--out={out}", "model.hidden_size=32", "model.num_text_layers=1",
+           "model.num_visual_layers=1", "model.num_cross_layers=1", "model.num_attention_heads=2",
+           "model.intermediate_size=64", "pretrain.stage1.batch_size=8", "pretrain.stage1.steps=300",
+           "pretrain.log_every=1", "pretrain.checkpoint_every=100000", "launch.cluster=slurm",
+           "launch.gpus_per_node=1", "launch.cpus_per_task=1", "launch.timeout_min=10",
+           "launch.slurm_extra=--comment=mvptr-requeue-test"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, job_id = [], None
+    for line in proc.stdout:  # the launcher forwards the trainer's log lines
+        lines.append(line)
+        if "stage 1 step 5/" in line:
+            job_id = json.loads((job / "job.json").read_text())["job_id"]
+            subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+            break
+    rest, _ = proc.communicate(timeout=600)
+    output = "".join(lines) + rest
+    assert proc.returncode == 0 and job_id, output[-3000:]
+    signalled = [int(m) for m in re.findall(r"signal SIGUSR2 at step (\d+): checkpoint written", output)]
+    resumed = [int(m) for m in re.findall(r"stage 1: resumed at step (\d+)", output)]
+    assert len(signalled) == 1 and signalled == resumed and 5 <= signalled[0] < 300, output[-3000:]
+    assert json.loads((job / "job.json").read_text())["job_id"] == job_id  # requeued, not resubmitted
+    scripts = list(job.rglob("*submission.sh"))
+    assert scripts and "#SBATCH --comment=mvptr-requeue-test" in scripts[0].read_text()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -345,3 +346,31 @@ def test_a_batch_larger_than_the_data_is_capped_before_the_job_is_submitted(arti
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert f"config key 'pretrain.stage2.batch_size': the data has {pairs} training item(s)" in refused.stderr
     assert not (tmp_path / "job2").exists()
+
+
+def test_a_preemption_signal_checkpoints_at_that_step_and_the_requeued_job_resumes_there(artifacts, tmp_path):
+    """submitit's USR2 (preemption / time limit) mid-run, with checkpoint_every far beyond the run: the trainer
+    finishes the step, writes its checkpoint there and lets submitit requeue; the new task resumes at that step."""
+    from mvptr.launch.launcher import _children
+
+    ckpt, job, out = tmp_path / "ckpt", tmp_path / "job", tmp_path / "out"
+    cmd = [sys.executable, "-m", "mvptr.cli", "pretrain", "stage", "--stage", "1",
+           *(f"--{k}={artifacts[k]}" for k in ("dataset", "concepts", "vocab", "regions")), f"--ckpt-dir={ckpt}",
+           f"--job-dir={job}", f"--out={out}", *SMALL, "pretrain.stage1.steps=400", "pretrain.log_every=1",
+           "pretrain.checkpoint_every=100000", "launch.cluster=local"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # the launcher forwards the job's log lines
+        lines.append(line)
+        if "stage 1 step 5/" in line:
+            controller = int(json.loads((job / "job.json").read_text())["job_id"])
+            (task,) = _children(controller)
+            os.kill(task, signal.SIGUSR2)
+            break
+    rest, _ = proc.communicate(timeout=600)
+    output = "".join(lines) + rest
+    assert proc.returncode == 0, output[-3000:]
+    signalled = [int(m) for m in re.findall(r"signal SIGUSR2 at step (\d+): checkpoint written", output)]
+    resumed = [int(m) for m in re.findall(r"stage 1: resumed at step (\d+)", output)]
+    assert len(signalled) == 1 and signalled == resumed and 5 <= signalled[0] < 400, output[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["history"][-1]["step"] == 400

@@ -15,6 +15,8 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from mvptr.errors import DataError
+
 HELP = {"dataset": "prepared dataset folder (with the task files)", "concepts": "concepts.json",
         "vocab": "concept_vocab.json", "regions": "folder of the region stores"}
 
@@ -37,6 +39,15 @@ def add_artifact_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job-dir", type=Path, required=True, help="submitit folder and job id (beside the log)")
 
 
+KIND = {"dataset": "folder", "concepts": "file", "vocab": "file", "regions": "folder"}
+
+
 def artifact_paths(args: argparse.Namespace) -> dict[str, Path]:
-    """The four artifacts of the parsed flags, as absolute paths (a job may run in another directory)."""
+    """The four artifacts of the parsed flags, as absolute paths (a job may run in another directory). Checked
+    before any job is submitted: DataError naming the option and path of one that is missing, and likewise for
+    --init-weights and --weights where the command has them and they are given."""
+    for name, kind in [*KIND.items(), ("init_weights", "file"), ("weights", "file")]:
+        path = getattr(args, name, None)
+        if path is not None and not (path.is_dir() if kind == "folder" else path.is_file()):
+            raise DataError(f"--{name.replace('_', '-')} {path}: no such {kind}")
     return {name: getattr(args, name).resolve() for name in HELP}

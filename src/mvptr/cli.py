@@ -1,28 +1,35 @@
 """The `mvptr` command: one subcommand per workflow step, so that Snakemake rules stay one-line wiring.
 
-    mvptr config show [key=value ...]              merged, validated config and its hash
-    mvptr data synth|prepare|check ...             mvptr.data.commands
+For developers (users read `mvptr --help`, whose command list is built from the registered subcommands' help):
+each step's subcommands live beside its code (a `commands.py` with `register(groups)`), listed in
+COMMAND_MODULES; a group's subcommands hang off its own subparsers. Subcommands that take `key=value`
+overrides also take `--root DIR` and `--base FILE`. Bad input (config, data, a path the user named) exits with
+status 2 and one line `mvptr: error: ...` naming the key, file or id; any other exception is a bug and keeps
+its traceback.
 
-Each step's subcommands live beside its code (a `commands.py` with `register(groups)`), listed in
-COMMAND_MODULES. Subcommands that take `key=value` overrides also take `--root DIR` and `--base FILE`.
-Bad input (config or data) exits with status 2 and one message naming the key, file or id.
+Run: `mvptr --help`, `mvptr --version`, `mvptr config show [key=value ...]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 
 import yaml
 
 from mvptr.config import add_config_arguments, config_from_args, config_hash, dataset_dir
-from mvptr.errors import ConfigError
+from mvptr.errors import ConfigError, DataError
 
 COMMAND_MODULES = ["mvptr.data.commands", "mvptr.concepts.commands", "mvptr.regions.commands",
                    "mvptr.train.commands", "mvptr.compare_commands", "mvptr.evaluate.commands",
                    "mvptr.dvc_stages", "mvptr.models.commands", "mvptr.estimate_commands"]
+
+DESCRIPTION = """\
+Run the steps of the mvptr workflow (data, concepts, regions, pre-training, evaluation, summary) one at a
+time; Snakemake (`snakemake all`, `make demo`) runs them all. `mvptr COMMAND --help` tells more."""
 
 
 def cmd_config_show(args: argparse.Namespace) -> None:
@@ -32,27 +39,47 @@ def cmd_config_show(args: argparse.Namespace) -> None:
     print(f"# dataset folder: {dataset_dir(cfg)}")
 
 
+def commands(groups: argparse._SubParsersAction) -> list[tuple[str, str]]:
+    """(command, help) of every registered command: `group subcommand` for a group, else the command alone."""
+    listed = []
+    for entry in groups._choices_actions:  # argparse keeps each add_parser's name and help here, in order
+        nested = [a for a in groups.choices[entry.dest]._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            listed += [(f"{entry.dest} {sub.dest}", sub.help or "") for sub in nested[0]._choices_actions]
+        else:
+            listed.append((entry.dest, entry.help or ""))
+    return listed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mvptr", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    groups = parser.add_subparsers(dest="group", required=True)
+    parser = argparse.ArgumentParser(prog="mvptr", usage="mvptr [-h] [--version] COMMAND ...",
+                                     description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"mvptr {importlib.metadata.version('mvptr')}")
+    # help=SUPPRESS: the epilog lists every command with its subcommands instead of argparse's list of groups
+    groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND", help=argparse.SUPPRESS)
     config = groups.add_parser("config", help="inspect the merged config").add_subparsers(dest="cmd", required=True)
     show = config.add_parser("show", help="print the merged, validated config and its hash")
     add_config_arguments(show)
     show.set_defaults(func=cmd_config_show)
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(groups)
+    listed = commands(groups)
+    width = max(len(name) for name, _ in listed) + 2
+    parser.epilog = "commands:\n" + "\n".join(f"  {name.ljust(width)}{what}" for name, what in listed)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from mvptr.errors import DataError
-
     try:
         args.func(args)
     except (ConfigError, DataError) as err:
-        print(f"mvptr: error: {err}", file=sys.stderr)
+        print(f"mvptr: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
+        # a path the user named that cannot be read or written (other OSErrors, and other exceptions, are bugs)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"mvptr: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,16 +1,22 @@
-"""Turn the MLflow runs of a study into one table of (method, ablation) x task metrics: CSV, markdown, bar charts.
+"""Turn a study's evaluations into one table of (method, ablation) x task metrics: CSV, markdown, bar charts,
+and a narrow headline table (one number per task).
 
-Why: the point of the study is the comparison of methods and ablations; the runs already hold every number (see
-`mvptr.tracking` for how they are laid out), so the summary is read back from MLflow rather than from
-scattered JSON files, and it is the same whether the store is the embedded SQLite file or a tracking server.
+Why: the point of the study is the comparison of methods and ablations. The workflow's `summarize` rule builds
+it from the evaluation JSON files it depends on (`evaluations_table`), so that the summary is a function of
+its inputs only and deleting or replacing the MLflow store changes nothing; a user can build the same table
+from the MLflow runs (`summary_table`, e.g. on the cluster's tracking server), MLflow being the place to
+browse them. Both give the same columns: the runs' metric names are the JSON's keys joined by '/'.
 
-What is read: the FINISHED child runs (those with `mlflow.parentRunId`) whose `stage` tag is one of `stages`;
+What is read from MLflow: the FINISHED child runs (those with `mlflow.parentRunId`) whose `stage` tag is one of `stages`;
 for each (method, ablation, task) the latest such run (by end time), and of it each metric's final value (the
 value at the latest step, which is what MLflow keeps as a run's metric). Columns are `<task>/<metric>`; rows are
 (method, ablation) pairs (the `method` and `ablation` tags), methods in the order asked for (else
 alphabetical), within a method `full` first, then alphabetical.
 
+From files: each results/<dataset>/<method>/<ablation>/evaluate/<task>.json that `mvptr evaluate run` wrote.
+
 Use:
+    mvptr compare --evaluations results/synthetic/*/*/evaluate/*.json [--runs ...] [--methods ...]
     mvptr compare [--tracking-uri URI] [--experiment NAME] [--out-dir results/summary] [--stage evaluate ...]
                   [--runs mvptr/full simla/full ...] [--methods mvptr simla] [--ablations a b c]
     from mvptr.compare import summary_table; df = summary_table(client, "mvptr-synthetic", ["evaluate"])
@@ -20,13 +26,15 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mvptr.atomic import atomic_write_bytes, atomic_write_json
+from mvptr.errors import DataError
 from mvptr.tracking import PARENT_RUN_ID_TAG, search_all_runs
 
 if TYPE_CHECKING:  # pandas, matplotlib and mlflow are imported inside the functions: `mvptr --help` stays fast
@@ -38,10 +46,18 @@ REFERENCE_ABLATION = "full"  # the method as configured: the row every other row
 CSV_NAME = "ablations.csv"
 MD_NAME = "ablations.md"
 JSON_NAME = "ablations.json"
+HEADLINE_NAME = "headline.md"
+# One number per task for the headline table (what `make demo` prints): a short name and the metric, the first
+# of these present on the task's reported split (the last of EVAL_SPLITS: test, testB, test1); retrieval's
+# text-to-image R@1, re-ranked by ITM where that ran. The full table keeps every headline metric.
+HEADLINE = {"retrieval": ("retrieval IR@1", ["fine_tuned_itm/ir_r_at_1", "fine_tuned_vsc/ir_r_at_1",
+                                             "zero_shot/ir_r_at_1"]),
+            "vqa": ("VQA acc", ["overall"]), "ve": ("VE acc", ["accuracy"]), "rec": ("REC acc", ["accuracy"]),
+            "nlvr2": ("NLVR2 acc", ["accuracy"])}
 
 
-class NoRunsError(LookupError):
-    """No finished run matches the experiment, stages and ablations asked for; the message says what was searched."""
+class NoRunsError(DataError):
+    """No finished run (or evaluation file) matches what was asked for; the message says what was searched."""
 
 
 Row = tuple[str, str]  # (method, ablation)
@@ -92,7 +108,7 @@ def summary_table(client: MlflowClient, experiment: str, stages: Sequence[str],
                   ablations: Sequence[str] | None = None, metrics: Sequence[str] | None = None,
                   methods: Sequence[str] | None = None, runs: Sequence[Row] | None = None) -> pd.DataFrame:
     """Rows: (method, ablation) (`row_order`), index levels `method` and `ablation`; columns: `<task>/<metric>`,
-    sorted; cells: final values.
+    sorted; cells: final values of the latest finished runs of `stages` in the MLflow `experiment`.
 
     `metrics`: shell-style patterns (fnmatch) of the columns to keep (default: every metric of the runs).
     `ablations`, `methods`, `runs`: keep only these (default all).
@@ -100,19 +116,70 @@ def summary_table(client: MlflowClient, experiment: str, stages: Sequence[str],
     Runs asked for by name (`runs`, and not left out by `methods` or `ablations`) but without results get a row
     of NaN, so that the gap shows in the summary. Raises NoRunsError when nothing matches at all.
     """
-    import pandas as pd
-
     found = latest_runs(client, experiment, stages, ablations, methods, runs)
     if not found:
-        which = "".join(f" for {what} {', '.join(map(str, names))}" for what, names in
-                        (("methods", methods), ("ablations", ablations), ("runs", [row_name(r) for r in runs or []]))
-                        if names)
-        raise NoRunsError(f"no FINISHED child runs with stage {' or '.join(map(repr, stages))}{which} in MLflow "
-                          f"experiment {experiment!r} at {client.tracking_uri}")
+        raise NoRunsError(f"no FINISHED child runs with stage {' or '.join(map(repr, stages))}"
+                          f"{_filters(methods, ablations, runs)} in MLflow experiment {experiment!r} at "
+                          f"{client.tracking_uri}")
+    return build_table({key: run.data.metrics for key, run in found.items()}, metrics, methods, ablations, runs)
+
+
+def evaluation_key(path: Path) -> tuple[str, str, str]:
+    """(method, ablation, task) of an evaluation JSON at <...>/<method>/<ablation>/evaluate/<task>.json, the
+    layout the workflow writes them in."""
+    parts = path.parts
+    if len(parts) < 4 or parts[-2] != "evaluate" or path.suffix != ".json":
+        raise DataError(f"--evaluations {path}: not of the form <method>/<ablation>/evaluate/<task>.json")
+    return parts[-4], parts[-3], path.stem
+
+
+def evaluations_table(paths: Sequence[Path], ablations: Sequence[str] | None = None,
+                      metrics: Sequence[str] | None = None, methods: Sequence[str] | None = None,
+                      runs: Sequence[Row] | None = None) -> pd.DataFrame:
+    """The table of `summary_table`, read from the evaluation JSON files `mvptr evaluate run --out` writes
+    instead of MLflow: the same `<task>/<metric>` columns (`flat_metrics`, the names the runs log), so the
+    summary does not depend on the MLflow store. Raises DataError naming an unreadable file, NoRunsError when
+    the filters leave none."""
+    from mvptr.evaluate.finetune import flat_metrics  # torch: only the summary's own command pays for it
+
+    found: dict[tuple[str, str, str], Mapping[str, float]] = {}
+    for path in paths:
+        method, ablation, task = evaluation_key(Path(path))
+        if ((ablations is not None and ablation not in ablations) or (methods is not None and method not in methods)
+                or (runs is not None and (method, ablation) not in runs)):
+            continue
+        try:
+            result = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DataError(f"--evaluations {path}: no such file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DataError(f"--evaluations {path}: not a readable JSON file ({err})") from None
+        if not isinstance(result, dict) or result.get("task", task) != task:
+            raise DataError(f"--evaluations {path}: not the evaluation of task {task!r} (its 'task' is "
+                            f"{result.get('task') if isinstance(result, dict) else None!r})")
+        found[(method, ablation, task)] = flat_metrics(result)
+    if not found:
+        raise NoRunsError(f"no evaluation files{_filters(methods, ablations, runs)} among the "
+                          f"{len(paths)} given with --evaluations")
+    return build_table(found, metrics, methods, ablations, runs)
+
+
+def _filters(methods: Sequence[str] | None, ablations: Sequence[str] | None, runs: Sequence[Row] | None) -> str:
+    return "".join(f" for {what} {', '.join(map(str, names))}" for what, names in
+                   (("methods", methods), ("ablations", ablations), ("runs", [row_name(r) for r in runs or []]))
+                   if names)
+
+
+def build_table(found: Mapping[tuple[str, str, str], Mapping[str, float]], metrics: Sequence[str] | None = None,
+                methods: Sequence[str] | None = None, ablations: Sequence[str] | None = None,
+                runs: Sequence[Row] | None = None) -> pd.DataFrame:
+    """{(method, ablation, task): {metric: value}} -> the summary table (see `summary_table`)."""
+    import pandas as pd
+
     cells: dict[Row, dict[str, float]] = {}
-    for (method, ablation, task), run in found.items():
+    for (method, ablation, task), values in found.items():
         row = cells.setdefault((method, ablation), {})
-        for metric, value in run.data.metrics.items():
+        for metric, value in values.items():
             column = f"{task}/{metric}"
             if metrics is None or any(fnmatch.fnmatchcase(column, pattern) for pattern in metrics):
                 row[column] = float(value)
@@ -121,12 +188,11 @@ def summary_table(client: MlflowClient, experiment: str, stages: Sequence[str],
     rows = row_order([*cells, *gaps], methods)
     columns = sorted({column for row in cells.values() for column in row})
     index = pd.MultiIndex.from_tuples(rows, names=["method", "ablation"])
-    table = pd.DataFrame([cells.get(row, {}) for row in rows], index=index, columns=columns).astype("float64")
-    return table
+    return pd.DataFrame([cells.get(row, {}) for row in rows], index=index, columns=columns).astype("float64")
 
 
-def _cell(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.4g}"
+def _cell(value: float, spec: str = ".4g") -> str:
+    return "n/a" if math.isnan(value) else format(value, spec)
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -141,6 +207,39 @@ def markdown_table(table: pd.DataFrame) -> str:
     for key, row in table.iterrows():
         lines.append("| " + " | ".join([*map(escape, key), *(_cell(v) for v in row)]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def headline_columns(table: pd.DataFrame) -> dict[str, str]:
+    """{short name: column} of `table`, one per task, in `HEADLINE`'s order (a task it does not name comes after,
+    with its first column)."""
+    from mvptr.data.task_files import EVAL_SPLITS
+
+    picked: dict[str, str] = {}
+    tasks = dict.fromkeys(c.split("/", 1)[0] for c in table.columns)
+    for task in sorted(tasks, key=lambda t: list(HEADLINE).index(t) if t in HEADLINE else len(HEADLINE)):
+        name, metrics = HEADLINE.get(task, (task, []))
+        split = EVAL_SPLITS.get(task, ("",))[-1]
+        present = [c for c in (f"{task}/splits/{split}/{m}" for m in metrics)
+                   if c in table.columns and table[c].notna().any()]
+        picked[name] = present[0] if present else next(c for c in table.columns if c.split("/", 1)[0] == task)
+    return picked
+
+
+def headline_table(table: pd.DataFrame) -> str:
+    """A narrow markdown table, columns padded to align in a terminal: a row per (method, ablation), a column
+    per task (`headline_columns`), then which metric each column is."""
+    picked = headline_columns(table)
+    rows = [["run", *picked]] + [[row_name(key), *(_cell(row[c], ".1f") for c in picked.values())]
+                                 for key, row in table.iterrows()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
+    legend = [f"- {name}: {column}" for name, column in picked.items()]
+    return "\n".join([line(rows[0]), rule, *map(line, rows[1:]), "", *legend]) + "\n"
 
 
 def task_chart(table: pd.DataFrame, task: str) -> bytes:
@@ -180,14 +279,15 @@ def chart_name(task: str) -> str:
 
 def write_summary(table: pd.DataFrame, out_dir: Path | str) -> list[Path]:
     """ablations.csv, ablations.md, ablations.json (DVC metrics: {"method/ablation": {metric: value}}, NaN left
-    out) and `<task>.png` per task in `out_dir`, each written atomically."""
+    out), headline.md (`headline_table`) and `<task>.png` per task in `out_dir`, each written atomically."""
     out_dir = Path(out_dir)
-    written = [out_dir / CSV_NAME, out_dir / MD_NAME, out_dir / JSON_NAME]
+    written = [out_dir / CSV_NAME, out_dir / MD_NAME, out_dir / JSON_NAME, out_dir / HEADLINE_NAME]
     atomic_write_json(written[2], {row_name(key): {k: float(v) for k, v in row.items() if not math.isnan(v)}
                                    for key, row in table.iterrows()})
     # repr-precision floats, so that the CSV holds exactly what MLflow holds
     atomic_write_bytes(written[0], table.to_csv(float_format=None, lineterminator="\n").encode("utf-8"))
     atomic_write_bytes(written[1], markdown_table(table).encode("utf-8"))
+    atomic_write_bytes(written[3], headline_table(table).encode("utf-8"))
     for task in dict.fromkeys(c.split("/", 1)[0] for c in table.columns):
         path = out_dir / chart_name(task)
         atomic_write_bytes(path, task_chart(table, task))

@@ -1,8 +1,8 @@
 """Load, merge, validate and hash the project's configuration.
 
 Why: every step (CLI, Snakemake rules, tests) must see the same config, merged in one fixed order and
-validated against one JSON schema (`workflow/schemas/config.schema.yaml`, the file Snakemake's `validate`
-also uses), so that a typo stops the run at start with a message naming the key.
+validated against one JSON schema (`src/mvptr/schemas/config.schema.yaml`, shipped in the package; the file Snakemake's
+`validate` also uses), so that a typo stops the run at start with a message naming the key.
 
 Merge order (later wins):
     configs/default.yaml  <  configs/datasets/<dataset.name>.yaml  <  configs/models/<model.name>.yaml
@@ -41,18 +41,26 @@ from mvptr.errors import ConfigError
 
 
 def project_root() -> Path:
-    """The folder holding `configs/` and `workflow/`: $MVPTR_ROOT, the working directory, or the checkout."""
+    """The folder holding `configs/`: $MVPTR_ROOT, the working directory (a checkout: configs/ and workflow/),
+    the checkout of an editable install (src/mvptr/config.py), or else the copy of configs/ that ships in an
+    installed package (mvptr/bundled/configs)."""
     if "MVPTR_ROOT" in os.environ:
         return Path(os.environ["MVPTR_ROOT"]).resolve()
     cwd = Path.cwd()
     if (cwd / "configs").is_dir() and (cwd / "workflow").is_dir():
         return cwd
-    # An editable install (the Makefile's) keeps the package inside the checkout: src/mvptr/config.py.
-    return Path(__file__).resolve().parents[2]
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "configs" / "default.yaml").is_file():
+        return checkout
+    return Path(__file__).resolve().parent / "bundled"
+
+
+SCHEMAS = Path(__file__).resolve().parent / "schemas"  # package data: the library validates without a checkout
 
 
 def schema_path(root: Path | None = None) -> Path:
-    return (root or project_root()) / "workflow" / "schemas" / "config.schema.yaml"
+    """The config schema. It ships in the package, so `root` (a project folder) does not change it."""
+    return SCHEMAS / "config.schema.yaml"
 
 
 def read_yaml(path: Path) -> Any:

@@ -9,6 +9,17 @@ Layout: one experiment per study (`mvptr-<dataset>`); in it one parent run per (
 `mlflow.parentRunId`, name `method/ablation/stage/task`). A requeued job passes the run id it kept in its
 checkpoint directory back to `open_run` and goes on logging into the same run.
 
+MLflow's own conventions on top: every run carries the source tags (`mlflow.source.git.commit`, `.name`,
+`.type` JOB, `mlflow.user`) and the prepared dataset as an input (name, digest = the hash in its folder name,
+source = its path: the UI's Dataset column); the experiment is tagged `mlflow.experimentKind` =
+`custom_model_development` (the UI opens "Training runs"). A parent carries its children's dataset input, the
+headline metric of each finished task (`log_headline`) and an end time moved to its last child's end. A shared
+stage one (one job for every ablation of a method) is reachable from each ablation that uses it: the stage-two
+run and the ablation's parent carry `mvptr.stage1_run_id`, and the stage-one run `mvptr.used_by.<ablation>`
+(`link_stage1`). `start_system_metrics(run_id)` runs MLflow's system-metrics monitor (CPU, memory, disk, network,
+GPU) every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 5). Artifacts are logged after the rule's
+outputs are written, and a store that is down then only warns (`log_files`).
+
 Store: $MLFLOW_TRACKING_URI when set (a tracking server on a cluster), else a SQLite file
 `results/mlflow.db` in the working directory, beside the other results (MLflow refuses a plain file store).
 Artifacts of an embedded store go to `mlartifacts/` beside the database, not to ./mlruns.
@@ -18,15 +29,19 @@ Use:
     log_metrics(run_id, {"loss": 0.7, "lr": 1e-4}, step=100)
     log_artifact(run_id, "loss.png")
     close_run(run_id)                       # or close_run(run_id, "FAILED")
+    finish_child(cfg, run_id, headline={"retrieval_test_ir_r_at_1": 41.0})  # close, update the parent
     run_id = log_run(cfg, stage="concepts", task="concept_quality", metrics={"objects_f1": 0.98})  # all in one
     .venv/bin/mlflow ui --backend-store-uri sqlite:///results/mlflow.db
 """
 
 from __future__ import annotations
 
+import fnmatch
 import functools
+import getpass
 import os
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -34,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
-from mvptr.config import config_hash, flatten, project_root
+from mvptr.config import config_hash, dataset_keys, flatten, project_root
 from mvptr.errors import ConfigError
 
 if TYPE_CHECKING:  # mlflow is imported inside the functions so that `import mvptr` stays light
@@ -47,6 +62,11 @@ PARENT_TAG = "mvptr_parent"
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests runs by it
 PARENT_STAGE = "parent"
 _IDENTITY_TAGS = ("method", "ablation", "stage", "task")  # what a resumed run must agree on with the caller
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # the UI opens an experiment of this kind on "Training runs"
+EXPERIMENT_KIND = "custom_model_development"
+STAGE1_RUN_TAG = "mvptr.stage1_run_id"  # on a stage-two run and its ablation's parent: the stage one it used
+USED_BY_TAG = "mvptr.used_by."  # + "<method>/<ablation>" on a stage-one run: the parent run id of each user
+DEFAULT_SYSTEM_METRICS_INTERVAL = 5.0  # seconds; $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides
 
 
 class ResumeConflict(ConfigError):
@@ -82,8 +102,28 @@ def git_commit(root: Path | None = None) -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry (some containers)
+        return "unknown"
+
+
+def source_tags(stage: str) -> dict[str, str]:
+    """MLflow's standard source tags: commit, entry point (the rule, else the stage), type JOB, user."""
+    from mlflow.entities import SourceType
+    from mlflow.utils import mlflow_tags
+
+    rule = os.environ.get("MVPTR_RULE")
+    return {mlflow_tags.MLFLOW_GIT_COMMIT: git_commit(),
+            mlflow_tags.MLFLOW_SOURCE_NAME: f"mvptr rule {rule}" if rule else f"mvptr {stage}",
+            mlflow_tags.MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.JOB),
+            mlflow_tags.MLFLOW_USER: _user()}
+
+
 def run_tags(cfg: Mapping[str, Any], stage: str, task: str) -> dict[str, str]:
     tags = {
+        **source_tags(stage),
         "ablation": str(cfg["ablation"]),
         "method": str(cfg["method"]["name"]),
         "stage": stage,
@@ -141,6 +181,8 @@ def get_or_create_experiment(mc: MlflowClient, name: str) -> str:
         raise ConfigError(f"MLflow experiment {name!r} in {mc.tracking_uri} is deleted: restore it "
                           f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or remove it "
                           "for good (`mlflow gc`) before logging to it")
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # new, or made before the tag existed
+        mc.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 
@@ -190,7 +232,11 @@ def parent_run(cfg: Mapping[str, Any], mc: MlflowClient | None = None) -> str:
 
     existing = parents()
     if existing:
-        return existing[0].info.run_id
+        parent = existing[0].info.run_id
+        # Source tags of the newest child's job (a parent made before they existed gets them too).
+        _set_tags(mc, parent, {k: v for k, v in source_tags(PARENT_STAGE).items()
+                               if existing[0].data.tags.get(k) != v})
+        return parent
     tags = {**run_tags(cfg, PARENT_STAGE, "all"), PARENT_TAG: "1"}
     run = mc.create_run(experiment_id, tags=tags, run_name=f"{method}/{ablation}")
     own = run.info.run_id
@@ -244,10 +290,26 @@ def _resume(mc: MlflowClient, run: Run, cfg: Mapping[str, Any], stage: str, task
     return run_id
 
 
+def log_dataset(run_id: str, cfg: Mapping[str, Any], dataset: Path | str, context: str,
+                mc: MlflowClient | None = None) -> None:
+    """The prepared dataset as an input of the run: name, digest (the hash in its folder name), source (its
+    path). MLflow keeps one input per (name, digest) and run, so logging it again on a resume adds nothing."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    digest = config_hash(cfg, dataset_keys(cfg), 8)
+    source = json.dumps({"uri": Path(dataset).resolve().as_uri()})  # a LocalArtifactDatasetSource's JSON
+    entry = DatasetInput(Dataset(str(cfg["dataset"]["name"]), digest, "local", source),
+                         [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+    (mc or client()).log_inputs(run_id, datasets=[entry])
+
+
 def open_run(cfg: Mapping[str, Any], *, stage: str, task: str, run_id: str | None = None,
-             on_param_conflict: str = "raise") -> str:
+             on_param_conflict: str = "raise", dataset: Path | str | None = None) -> str:
     """Resume `run_id` if the store has it (status RUNNING again), else start a child of the (method,
-    ablation)'s parent.
+    ablation)'s parent; `dataset` (the prepared dataset's folder) is logged as an input of both.
 
     A resumed run must carry the same method, ablation, stage and task tags (else ResumeConflict). Params already
     logged with the same value are skipped; a changed value raises ResumeConflict naming the keys, or with
@@ -256,17 +318,24 @@ def open_run(cfg: Mapping[str, Any], *, stage: str, task: str, run_id: str | Non
     if on_param_conflict not in ("raise", "warn"):
         raise ValueError(f"on_param_conflict must be 'raise' or 'warn', not {on_param_conflict!r}")
     mc = client()
-    if run_id:
-        run = _existing_run(mc, run_id)
-        if run is not None:
-            return _resume(mc, run, cfg, stage, task, on_param_conflict)
-    parent = parent_run(cfg, mc)
-    experiment_id = get_or_create_experiment(mc, experiment_name(cfg))
-    tags = {**run_tags(cfg, stage, task), PARENT_RUN_ID_TAG: parent}
-    run = mc.create_run(experiment_id, tags=tags,
-                        run_name=f"{cfg['method']['name']}/{cfg['ablation']}/{stage}/{task}")
-    _log_params(mc, run.info.run_id, run_params(cfg))
-    return run.info.run_id
+    run = _existing_run(mc, run_id) if run_id else None
+    if run is not None:
+        opened = _resume(mc, run, cfg, stage, task, on_param_conflict)
+        parent = run.data.tags.get(PARENT_RUN_ID_TAG)
+    else:
+        parent = parent_run(cfg, mc)
+        experiment_id = get_or_create_experiment(mc, experiment_name(cfg))
+        tags = {**run_tags(cfg, stage, task), PARENT_RUN_ID_TAG: parent}
+        created = mc.create_run(experiment_id, tags=tags,
+                                run_name=f"{cfg['method']['name']}/{cfg['ablation']}/{stage}/{task}")
+        opened = created.info.run_id
+        _log_params(mc, opened, run_params(cfg))
+    if dataset is not None:
+        context = "evaluation" if stage == "evaluate" else "training"
+        for target in (opened, parent):
+            if target:
+                log_dataset(target, cfg, dataset, context, mc)
+    return opened
 
 
 def log_metrics(run_id: str, metrics: Mapping[str, float], step: int) -> None:
@@ -292,6 +361,75 @@ def log_artifact(run_id: str, path: Path | str, artifact_path: str | None = None
     client().log_artifact(run_id, str(path), artifact_path)
 
 
+def log_files(run_id: str, files: list[Path], cfg: Mapping[str, Any] | None = None,
+              dicts: Mapping[str, Mapping[str, Any]] | None = None) -> bool:
+    """Log the rule's outputs `files` (already written), `cfg` as config.yaml and each of `dicts` (artifact
+    name -> content, JSON or YAML by extension) as artifacts of the run. A store that is down or refuses only
+    warns (on stderr) and returns False: the outputs are the record, the artifacts a copy."""
+    mc = client()
+    try:
+        for path in files:
+            mc.log_artifact(run_id, str(path))
+        for name, content in {**({"config.yaml": cfg} if cfg is not None else {}), **(dicts or {})}.items():
+            mc.log_dict(run_id, dict(content), name)
+    except Exception as err:  # any failure of the store: the outputs stay, the rule succeeds
+        print(f"warning: could not log artifacts to MLflow run {run_id} ({tracking_uri()}): "
+              f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return False
+    return True
+
+
+def start_system_metrics(run_id: str | None) -> Any:
+    """Start MLflow's system-metrics monitor (metrics `system/*`: CPU, memory, disk, network, GPU) on the run,
+    sampling every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s (default 5); a resumed run goes on from its last
+    step. Returns the monitor (`.finish()` stops it; its thread is a daemon, so a crash never hangs on it), or
+    None without a run."""
+    if not run_id:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=DEFAULT_SYSTEM_METRICS_INTERVAL,
+                                   resume_logging=True, tracking_uri=tracking_uri())
+    monitor.start()
+    return monitor
+
+
+def headline_metrics(task: str, metrics: Mapping[str, float]) -> dict[str, float]:
+    """The metrics of `task` (flat names, `mvptr.evaluate.finetune.flat_metrics`) that `mvptr compare` shows as
+    its headline, named for a parent run: `<task>_<split>_..._<metric>` (e.g. retrieval_test_zero_shot_ir_r_at_1)."""
+    from mvptr.compare_commands import HEADLINE_METRICS
+
+    out = {}
+    for key, value in metrics.items():
+        if any(fnmatch.fnmatchcase(f"{task}/{key}", pattern) for pattern in HEADLINE_METRICS):
+            out[f"{task}/{key}".replace("/splits/", "/").replace("/", "_")] = value
+    return out
+
+
+def finish_child(cfg: Mapping[str, Any], run_id: str, status: str = "FINISHED",
+                 headline: Mapping[str, float] | None = None) -> None:
+    """End a child run; log `headline` metrics on its parent and move the parent's end time to now, so that
+    the parent's duration spans its children."""
+    close_run(run_id, status)
+    mc = client()
+    parent = mc.get_run(run_id).data.tags.get(PARENT_RUN_ID_TAG) or parent_run(cfg, mc)
+    if headline:
+        log_metrics(parent, headline, step=0)
+    mc.set_terminated(parent, "FINISHED", end_time=int(time.time() * 1000))
+
+
+def link_stage1(cfg: Mapping[str, Any], stage1_run_id: str, stage2_run_id: str | None = None) -> None:
+    """Make a (possibly shared) stage-one run reachable from this ablation: tag the ablation's parent (and the
+    stage-two run) `mvptr.stage1_run_id`, and the stage-one run `mvptr.used_by.<method>/<ablation>` = parent.
+    One tag per user, so that two ablations linking at once never overwrite each other."""
+    mc = client()
+    parent = parent_run(cfg, mc)
+    for run_id in (parent, stage2_run_id):
+        if run_id:
+            mc.set_tag(run_id, STAGE1_RUN_TAG, stage1_run_id)
+    mc.set_tag(stage1_run_id, f"{USED_BY_TAG}{cfg['method']['name']}/{cfg['ablation']}", parent)
+
+
 def log_run(cfg: Mapping[str, Any], *, stage: str, task: str, metrics: Mapping[str, float],
             step: int = 0) -> str:
     """One finished child run: tags, the flattened config as params, and `metrics`; returns the run id."""
@@ -301,5 +439,5 @@ def log_run(cfg: Mapping[str, Any], *, stage: str, task: str, metrics: Mapping[s
     except BaseException:
         close_run(run_id, "FAILED")
         raise
-    close_run(run_id)
+    finish_child(cfg, run_id)
     return run_id

@@ -19,6 +19,7 @@ from mvptr.config import (
     dataset_dir as config_dataset_dir,
     overrides_from,
     read_yaml,
+    schema_path,
     step_keys,
     workflow_runs,
 )
@@ -27,7 +28,7 @@ ROOT = Path(workflow.basedir)
 BASE = read_yaml(ROOT / "configs" / "default.yaml")
 OVERRIDES = overrides_from(config, BASE)
 CONFIG = compose(BASE, OVERRIDES, ROOT)
-validate(CONFIG, "../schemas/config.schema.yaml")
+validate(CONFIG, str(schema_path()))
 DATASET = config_dataset_dir(CONFIG).name
 # Every (method, ablation) that runs (`methods` x the method-independent ablations, plus each method's own
 # ablations), composed like `mvptr ... method.name=<m> ablation=<a>`, and the hash of its stage-one keys:
@@ -191,3 +192,53 @@ def config_args(keys, run=None):
     return " ".join(
         shlex.quote(item) for item in ["--root", str(ROOT), *picked, *extra]
     )
+
+
+def trainer_resources(rule):
+    """Resources of a GPU rule, which runs on the head (localrule: its trainer is the only allocation): the
+    trainer's job, from the config's launch section (and launch.rules.<rule>); --set-resources RULE:gpu=4 etc.
+    replace them. Resources, not params: changing them reruns nothing."""
+    launch = {**CONFIG["launch"], **(CONFIG["launch"].get("rules") or {}).get(rule, {})}
+    strings = ("slurm_partition", "slurm_account", "qos", "constraint", "slurm_extra")
+    return {
+        "gpu": launch["gpus_per_node"],
+        "cpus_per_task": launch["cpus_per_task"],
+        "mem_mb": (
+            int(launch["mem_gb"] * 1000) if launch.get("mem_gb") else 0
+        ),  # 0: the cluster's default
+        "runtime": launch["timeout_min"],
+        **{key: launch.get(key) or "" for key in strings},  # "": not set
+    }
+
+
+def trainer_args(rule):
+    """The shell words that hand a GPU rule's resources to its command as launch.rules.<rule>.* overrides
+    (after LAUNCH_ARGS, so they win): one process per GPU, mem_mb in GB."""
+    key = f"launch.rules.{rule}"
+    words = [
+        f"{key}.gpus_per_node={{resources.gpu}}",
+        f"$([ {{resources.gpu}} -gt 0 ] && echo {key}.tasks_per_node={{resources.gpu}})",
+        f"{key}.cpus_per_task={{resources.cpus_per_task}}",
+        f"$([ {{resources.mem_mb}} -gt 0 ] && echo {key}.mem_gb={{resources.mem_mb}}.0e-3)",
+        f"{key}.timeout_min={{resources.runtime}}",
+    ]
+    words += [
+        f"{key}.{name}={{resources.{name}:q}}"
+        for name in (
+            "slurm_partition",
+            "slurm_account",
+            "qos",
+            "constraint",
+            "slurm_extra",
+        )
+    ]
+    return " ".join(words)
+
+
+def dvc_exports():
+    """The stable-path files DVC reads (workflow/rules/dvc.smk): metrics and plot data."""
+    return [
+        "results/dvc/metrics.json",
+        "results/dvc/plots/losses",
+        "results/dvc/plots/tasks.json",
+    ]

@@ -1,7 +1,8 @@
 """Downstream rules: one `evaluate_<task>` rule per task (retrieval, vqa, ve, rec, nlvr2) fine-tunes a (method,
 ablation)'s stage-two weights on the task, with the same protocol and budget for every method, and evaluates it
-(`mvptr evaluate run`, through submitit), writing the task's metrics JSON and logging them to MLflow. The `no_pretraining` ablation (no training steps) gives the
-same fine-tuning from a randomly initialised model."""
+(`mvptr evaluate run`, through submitit), writing the task's metrics JSON and logging them to MLflow. The
+`no_pretraining` ablation (no training steps) gives the same fine-tuning from a randomly initialised model.
+"""
 
 for task in EVAL_TASKS:
 
@@ -20,11 +21,14 @@ for task in EVAL_TASKS:
             f"results/logs/evaluate_{task}/{{dataset}}/{{method}}/{{ablation}}.log",
         benchmark:
             f"results/benchmarks/rules/evaluate_{task}/{{dataset}}/{{method}}/{{ablation}}.tsv"
+        # Runs on the head job under the SLURM profile: its submitit trainer is the step's only allocation.
+        localrule: True
         conda:
             "../../environment.yml"
         # The fine-tuning job uses launch.cpus_per_task torch threads: two jobs at once on 2 cores thrash.
         threads: 2
         resources:
+            **trainer_resources(f"evaluate_{task}"),
             launch=LAUNCH_ARGS,
         params:
             task=task,
@@ -34,4 +38,6 @@ for task in EVAL_TASKS:
             "MVPTR_RULE=evaluate_{params.task} mvptr evaluate run --task {params.task} "
             "--dataset {input.dataset} --concepts {input.concepts} --vocab {input.vocab} "
             "--regions {input.regions} --weights {input.weights} --job-dir {params.job_dir} "
-            "--out {output} {params.config} {resources.launch} > {log} 2>&1"
+            "--out {output} {params.config} {resources.launch} "
+            + trainer_args(f"evaluate_{task}")
+            + " > {log} 2>&1"

@@ -23,11 +23,14 @@ rule pretrain_stage1:
         "results/logs/pretrain_stage1/{dataset}/stage1-{stage1}.log",
     benchmark:
         "results/benchmarks/rules/pretrain_stage1/{dataset}/stage1-{stage1}.tsv"
+    # Runs on the head job under the SLURM profile: its submitit trainer is the step's only allocation.
+    localrule: True
     conda:
         "../../environment.yml"
     # The local trainer uses launch.cpus_per_task torch threads: two at once on 2 cores thrash.
     threads: 2
     resources:
+        **trainer_resources("pretrain_stage1"),
         # How the trainer is launched (launch.* and cadence overrides): a resource, not a param, so that a
         # profile switch (local -> SLURM) does not rerun trained stages.
         launch=LAUNCH_ARGS,
@@ -40,7 +43,8 @@ rule pretrain_stage1:
         "MVPTR_RULE=pretrain_stage1 mvptr pretrain stage --stage 1 --dataset {input.dataset} "
         "--concepts {input.concepts} --vocab {input.vocab} --regions {input.regions} "
         "--ckpt-dir {params.ckpt_dir} --job-dir {params.job_dir} --out {params.out} {params.config} {resources.launch} "
-        "> {log} 2>&1"
+        + trainer_args("pretrain_stage1")
+        + " > {log} 2>&1"
 
 
 rule pretrain_stage2:
@@ -62,10 +66,13 @@ rule pretrain_stage2:
         "results/logs/pretrain_stage2/{dataset}/{method}/{ablation}.log",
     benchmark:
         "results/benchmarks/rules/pretrain_stage2/{dataset}/{method}/{ablation}.tsv"
+    # Runs on the head job under the SLURM profile: its submitit trainer is the step's only allocation.
+    localrule: True
     conda:
         "../../environment.yml"
     threads: 2
     resources:
+        **trainer_resources("pretrain_stage2"),
         launch=LAUNCH_ARGS,
     params:
         ckpt_dir="results/{dataset}/checkpoints/{method}/{ablation}/stage2",
@@ -76,4 +83,6 @@ rule pretrain_stage2:
         "MVPTR_RULE=pretrain_stage2 mvptr pretrain stage --stage 2 --dataset {input.dataset} "
         "--concepts {input.concepts} --vocab {input.vocab} --regions {input.regions} "
         "--init-weights {input.stage1} --ckpt-dir {params.ckpt_dir} --job-dir {params.job_dir} "
-        "--out {params.out} {params.config} {resources.launch} > {log} 2>&1"
+        "--out {params.out} {params.config} {resources.launch} "
+        + trainer_args("pretrain_stage2")
+        + " > {log} 2>&1"

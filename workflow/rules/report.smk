@@ -1,6 +1,7 @@
 """Summary rule: the comparison table (rows: (method, ablation), columns: every task's headline metrics) and a
-bar chart per task, from the MLflow runs of the evaluations (`mvptr compare`); its outputs and the loss curves go
-into `snakemake --report`."""
+bar chart per task and the narrow headline table `make demo` prints, built from the evaluation JSON files the rule
+depends on (`mvptr compare --evaluations`; MLflow is where to browse the runs, not an input); its outputs and the
+loss curves go into `snakemake --report`."""
 
 
 rule summarize:
@@ -14,6 +15,7 @@ rule summarize:
         ),
         markdown="results/summary/{dataset}/ablations.md",
         metrics="results/summary/{dataset}/ablations.json",
+        headline="results/summary/{dataset}/headline.md",
         charts=report(
             expand("results/summary/{{dataset}}/{task}.png", task=EVAL_TASKS),
             caption="../report/charts.rst",
@@ -29,8 +31,7 @@ rule summarize:
         runs=" ".join(f"{method}/{ablation}" for method, ablation in RUNS),
         methods=" ".join(dict.fromkeys(method for method, _ in RUNS)),
         out="results/summary/{dataset}",
-        config=config_args(DATA_KEYS),
     shell:
-        "MVPTR_RULE=summarize mvptr compare {params.config} --stage evaluate "
+        "MVPTR_RULE=summarize mvptr compare --evaluations {input} "
         "--out-dir {params.out} --runs {params.runs} --methods {params.methods} > {log} 2>&1 "
-        "&& cat {output.markdown} >> {log}"
+        "&& cat {output.headline} >> {log}"

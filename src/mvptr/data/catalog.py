@@ -21,7 +21,7 @@ from typing import Any
 
 import jsonschema
 
-from mvptr.config import OWN_DATASETS, project_root, read_yaml
+from mvptr.config import OWN_DATASETS, SCHEMAS, project_root, read_yaml
 from mvptr.data.download import DownloadSettings, RemoteFile
 from mvptr.errors import ConfigError
 
@@ -59,8 +59,8 @@ def catalog_dir(cfg: Mapping[str, Any], root: Path | None = None) -> Path:
     return Path(folder) if folder else (root or project_root()) / "configs" / "datasets"
 
 
-def _schema(root: Path | None) -> Mapping[str, Any]:
-    return read_yaml((root or project_root()) / "workflow" / "schemas" / "source.schema.yaml")
+def _schema() -> Mapping[str, Any]:
+    return read_yaml(SCHEMAS / "source.schema.yaml")
 
 
 def load_source(name: str, cfg: Mapping[str, Any], root: Path | None = None) -> Source:
@@ -71,7 +71,7 @@ def load_source(name: str, cfg: Mapping[str, Any], root: Path | None = None) -> 
     if "source" not in data:
         entries = sorted(p.stem for p in folder.glob("*.yaml") if "source" in read_yaml(p)) if folder.is_dir() else []
         raise ConfigError(f"source {name!r}: no `source:` entry in {path}; sources: {', '.join(entries) or 'none'}")
-    errors = sorted(jsonschema.Draft202012Validator(_schema(root)).iter_errors(data), key=lambda e: list(e.path))
+    errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(data), key=lambda e: list(e.path))
     if errors:
         where = ".".join(str(p) for p in errors[0].absolute_path)
         raise ConfigError(f"{path}: {where or 'source'}: {errors[0].message}")

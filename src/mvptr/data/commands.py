@@ -16,10 +16,27 @@ import json
 from pathlib import Path
 
 from mvptr.config import add_config_arguments, config_from_args, dataset_dir
+from mvptr.errors import ConfigError
+
+
+def check_synth_options(args: argparse.Namespace) -> None:
+    """--num-images and --image-size within the config schema's bounds for dataset.synthetic (the world needs
+    10 images to give val and test one each), before any work; ConfigError naming the option otherwise."""
+    from mvptr.config import read_yaml, schema_path
+
+    bounds = read_yaml(schema_path())["properties"]["dataset"]["properties"]["synthetic"]["properties"]
+    for option, key in (("--num-images", "num_images"), ("--image-size", "image_size")):
+        value, low, high = getattr(args, key), bounds[key].get("minimum"), bounds[key].get("maximum")
+        if value is not None and ((low is not None and value < low) or (high is not None and value > high)):
+            allowed = " and ".join(f"{word} {limit}" for word, limit in (("at least", low), ("at most", high))
+                                   if limit is not None)
+            raise ConfigError(f"{option} {value}: must be {allowed}")
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
     from mvptr.data.synthetic import SIZES, generate_world
+
+    check_synth_options(args)
 
     manifest = generate_world(args.out, num_images=args.num_images or SIZES[args.size], seed=args.seed,
                               image_size=args.image_size)
@@ -80,11 +97,11 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 def register(groups: argparse._SubParsersAction) -> None:
     data = groups.add_parser("data", help="datasets").add_subparsers(dest="cmd", required=True)
-    synth = data.add_parser("synth", help="generate the embedded synthetic world")
+    synth = data.add_parser("synth", help="generate the embedded synthetic world (images, captions, task files)")
     synth.add_argument("--size", choices=["tiny", "small", "default"], default="default")
-    synth.add_argument("--num-images", type=int, default=None, help="instead of the size preset")
+    synth.add_argument("--num-images", type=int, default=None, help="instead of the size preset (at least 10)")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--image-size", type=int, default=128)
+    synth.add_argument("--image-size", type=int, default=128, help="side of the square images in pixels (64-1024)")
     synth.add_argument("--out", type=Path, required=True)
     synth.set_defaults(func=cmd_synth)
 
@@ -104,7 +121,7 @@ def register(groups: argparse._SubParsersAction) -> None:
     add_config_arguments(web)
     web.set_defaults(func=cmd_web_images)
 
-    prep = data.add_parser("prepare", help="the prepare_data step for the configured dataset")
+    prep = data.add_parser("prepare", help="prepare the configured dataset where the workflow reads it")
     prep.add_argument("--out", type=Path, default=None,
                       help="the folder to write (default: where the workflow reads it, resources/datasets/<name>-<hash>)")
     prep.add_argument("--downloads", type=Path, default=Path("resources/downloads"),

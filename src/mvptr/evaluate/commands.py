@@ -7,8 +7,12 @@ The fine-tuning (`mvptr.evaluate.finetune`, settings `evaluate.*`) runs as a sub
 local, slurm or debug) whose id is kept in --job-dir (beside the rule's log), so that a restarted rule
 re-attaches to it. Only when the job succeeds are the outputs written, each atomically: --out, the metrics
 JSON (per split, with the chance levels beside them), and --model-out, the fine-tuned model and head
-(safetensors, keys `model.*` and `head.*`). The numeric metrics are logged to MLflow as one run of stage
-`evaluate` (names: the JSON's keys joined by '/'). The "no pre-training" baseline is this command with the
+(safetensors, keys `model.*` and `head.*`). MLflow: the job opens the task's run of stage `evaluate` when it
+starts (id in --job-dir/run.json, so a requeued job logs into the same run) and logs the fine-tuning loss per
+step and the numeric metrics (names: the JSON's keys joined by '/'; `mvptr.evaluate.finetune`). Once the
+outputs are written, this command logs the metrics JSON and the resolved config as the run's artifacts, ends
+it, and puts the task's headline metrics on the ablation's parent run (a store that is down then only warns).
+A job the launcher gives up on leaves its run FAILED. The "no pre-training" baseline is this command with the
 weights of a model that was never trained.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +59,13 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise ConfigError(f"config key 'evaluate.rec.layer': {layer} is more than the {fusion_layers} "
                           f"cross-modal layers of a {cfg['method']['name']} model of this config")
     # torch, transformers and MLflow are imported only once the arguments are known to be usable.
+    from mvptr import tracking
     from mvptr.batching import count_task_examples, fit_batch
-    from mvptr.evaluate.finetune import TaskPaths, flat_metrics
+    from mvptr.evaluate.finetune import RUN_FILE, TaskPaths, flat_metrics
     from mvptr.launch.job import ConfigJob
     from mvptr.launch.launcher import LaunchSettings, launch
-    from mvptr.tracking import log_run
 
+    artifacts = artifact_paths(args)  # each input checked (named by its option) before anything reads it
     key = f"evaluate.{args.task}.batch_size"
     size, note = fit_batch(key, cfg["evaluate"][args.task]["batch_size"],
                            count_task_examples(args.dataset, args.regions, args.task))
@@ -67,18 +73,37 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(note, flush=True)
         cfg["evaluate"][args.task]["batch_size"] = size
     job_dir = args.job_dir.resolve()
-    paths = TaskPaths(**artifact_paths(args), weights=args.weights.resolve(),
-                      save_to=job_dir / SAVED_WEIGHTS if args.model_out else None)
+    paths = TaskPaths(**artifacts, weights=args.weights.resolve(),
+                      save_to=job_dir / SAVED_WEIGHTS if args.model_out else None, run_dir=job_dir)
     settings = LaunchSettings.from_config(cfg["launch"], rule=f"evaluate_{args.task}")
     print(f"launch evaluate_{args.task} on {settings.describe()}", flush=True)
-    result = launch(ConfigJob("mvptr.evaluate.finetune:finetune", cfg, args.task, paths),
-                    name=f"evaluate_{args.task}", folder=job_dir, settings=settings)
+    try:
+        result = launch(ConfigJob("mvptr.evaluate.finetune:finetune", cfg, args.task, paths),
+                        name=f"evaluate_{args.task}", folder=job_dir, settings=settings)
+    except BaseException:
+        run_file = job_dir / RUN_FILE
+        if run_file.is_file():
+            _warn_on_store_error(lambda: tracking.close_run(json.loads(run_file.read_text())["mlflow_run_id"],
+                                                            "FAILED"))
+        raise
     if args.model_out:
         args.model_out.parent.mkdir(parents=True, exist_ok=True)
         (job_dir / SAVED_WEIGHTS).replace(args.model_out)
     atomic_write_json(args.out, result)
-    log_run(cfg, stage="evaluate", task=args.task, metrics=flat_metrics(result))
+    (job_dir / RUN_FILE).unlink(missing_ok=True)  # a forced rerun of the rule starts a new run
+    # The outputs are written; now the run gets them (an unusable store only warns).
+    run_id = result["mlflow_run_id"]
+    if tracking.log_files(run_id, [args.out], cfg):
+        _warn_on_store_error(lambda: tracking.finish_child(
+            cfg, run_id, headline=tracking.headline_metrics(args.task, flat_metrics(result))))
     print(json.dumps(headline(result), sort_keys=True))
+
+
+def _warn_on_store_error(call: Any) -> None:
+    try:
+        call()
+    except Exception as err:  # the job's outcome (or the written outputs) is what counts, not the store's state
+        print(f"warning: MLflow: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
 
 
 def register(groups: argparse._SubParsersAction) -> None:

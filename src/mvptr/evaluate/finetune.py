@@ -32,6 +32,12 @@ encoded like captions (`[CLS] words concepts [SEP]`), so the text side keeps its
 each distinct text is parsed once. The batch order is a function of (seed, step) (`batch_indices`) and
 dropout is seeded per task, so a rerun (or a requeued job) computes the same numbers on CPU.
 
+MLflow (when `TaskPaths.run_dir` is set, as `mvptr evaluate run` sets it to the job folder): the run of stage
+`evaluate` is opened when the job starts (its id kept in run_dir/run.json, so a requeued job logs into the same
+run), with the dataset as input and MLflow's system metrics; the fine-tuning loss is logged as it goes
+(`finetune_loss`, `finetune_lr` per step) and the result's numeric metrics at the end. The run stays RUNNING:
+the command ends it once the outputs are written (`mvptr.evaluate.commands`).
+
 Use: `result = finetune(cfg, "vqa", TaskPaths(dataset, concepts, vocab, regions, weights), log=print)`
 (or `mvptr evaluate run`, `mvptr.evaluate.commands`). The result:
     task, weights, seconds
@@ -44,6 +50,8 @@ Use: `result = finetune(cfg, "vqa", TaskPaths(dataset, concepts, vocab, regions,
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import time
 from abc import ABC, abstractmethod
@@ -59,6 +67,7 @@ from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from mvptr.artifacts import Artifacts
+from mvptr.atomic import atomic_write_json
 from mvptr.batching import fit_batch
 from mvptr.data import task_files
 from mvptr.data.coco import read_json
@@ -94,6 +103,7 @@ class TaskPaths(Artifacts):
 
     weights: Path  # the model to fine-tune (model.safetensors of a pre-training stage, or never trained)
     save_to: Path | None = None
+    run_dir: Path | None = None  # MLflow: the run id is kept in run_dir/run.json; None: nothing is logged
 
 
 class Resources:
@@ -115,6 +125,7 @@ class Resources:
                                         pcfg["max_concepts"])
         self.texts: dict[str, EncodedText] = {}
         self._images: dict[int, dict[str, Any]] = {}
+        self.track: Callable[[Mapping[str, float], int], None] | None = None  # step metrics to MLflow
 
     def has_image(self, image_id: int) -> bool:
         dataset = self.sets.get(self.inputs.splits.get(image_id, ""))
@@ -164,10 +175,12 @@ def _autocast(device: torch.device) -> torch.autocast:
 
 def fit(module: nn.Module, batch_loss: Callable[[list[int], int], Tensor], num_items: int, tcfg: Mapping[str, Any],
         ecfg: Mapping[str, Any], seed: int, device: torch.device, log: Log, name: str,
-        after_step: Callable[[], None] | None = None) -> dict[str, Any]:
+        after_step: Callable[[], None] | None = None,
+        track: Callable[[Mapping[str, float], int], None] | None = None) -> dict[str, Any]:
     """AdamW with linear warmup and decay over `tcfg["steps"]` steps of `tcfg["batch_size"]` items drawn by
-    `batch_indices` (`batch_loss(indices, step)`), then `after_step()` (a momentum update) if given; returns
-    the first loss and the mean loss of the last tenth of the steps."""
+    `batch_indices` (`batch_loss(indices, step)`), then `after_step()` (a momentum update) if given; `track`
+    gets the loss and learning rate of (at most about 200 of) the steps; returns the first loss and the mean
+    loss of the last tenth of the steps."""
     # `mvptr evaluate run` capped the batch at the task file's examples before submitting; fewer can be usable
     # here (images skipped as unreadable), the same rule then applies again.
     batch_size, note = fit_batch(f"evaluate.{name}.batch_size", tcfg["batch_size"], num_items)
@@ -193,6 +206,8 @@ def fit(module: nn.Module, batch_loss: Callable[[list[int], int], Tensor], num_i
             after_step()
         losses.append(loss.item())
         progress.advance(note=f", loss {losses[-1]:.4f}")
+        if track is not None and ((step + 1) % max(1, steps // 200) == 0 or step + 1 == steps):
+            track({"finetune_loss": losses[-1], "finetune_lr": scheduler.get_last_lr()[0]}, step + 1)
     tail = losses[-max(1, steps // 10):]
     return {"steps": steps, "batch_size": batch_size, "lr": tcfg["lr"], "first_loss": losses[0],
             "final_loss": sum(tail) / len(tail)}
@@ -236,7 +251,7 @@ def retrieval(res: Resources, cfg: Mapping[str, Any], seed: int, log: Log) -> tu
         return step(res.to_device(collate([train[i] for i in indices])), step=index)[0]
 
     training = fit(res.model, batch_loss, len(train), rcfg, ecfg, seed, res.device, log, "retrieval",
-                   after_step=step.after_step)
+                   after_step=step.after_step, track=res.track)
     enc = encode_split(res.model, test, res.device, ecfg["eval_batch_size"]).to(res.device)
     scorer = itm_pair_scorer(res.model, enc)
     n_images, n_texts = len(enc.image_ids), len(enc.caption_ids)
@@ -478,7 +493,7 @@ def example_task(res: Resources, cfg: Mapping[str, Any], name: str, paths: TaskP
         examples = [train[i] for i in indices]
         return task.loss(task.outputs(examples), examples)
 
-    training = fit(module, batch_loss, len(train), ecfg[name], ecfg, seed, res.device, log, name)
+    training = fit(module, batch_loss, len(train), ecfg[name], ecfg, seed, res.device, log, name, track=res.track)
     splits = {split: {"examples": len(examples), **task.report(predict(task, examples, ecfg["eval_batch_size"]),
                                                                 examples)}
               for split, examples in usable.items()}
@@ -510,11 +525,23 @@ def finetune(cfg: Mapping[str, Any], task: str, paths: TaskPaths, *, log: Log = 
     # Dropout draws from the global generator: seeded per (seed, task), as are the heads' initialisation.
     seed = cfg["seed"] * 1000 + task_files.TASKS.index(task)
     torch.manual_seed(seed)
-    res = Resources(cfg, paths, device)
-    if task == "retrieval":
-        result, head = retrieval(res, cfg, seed, log)
-    else:
-        result, head = example_task(res, cfg, task, paths, seed, log)
+    run_id = open_evaluation_run(cfg, task, paths) if paths.run_dir is not None else None
+    monitor = None
+    if run_id:
+        from mvptr import tracking
+
+        monitor = tracking.start_system_metrics(run_id)
+    try:
+        res = Resources(cfg, paths, device)
+        if run_id:
+            res.track = functools.partial(_log_step, run_id)
+        if task == "retrieval":
+            result, head = retrieval(res, cfg, seed, log)
+        else:
+            result, head = example_task(res, cfg, task, paths, seed, log)
+    finally:
+        if monitor is not None:
+            monitor.finish()
     if paths.save_to is not None:
         tmp = Path(paths.save_to).with_name(Path(paths.save_to).name + ".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -522,7 +549,37 @@ def finetune(cfg: Mapping[str, Any], task: str, paths: TaskPaths, *, log: Log = 
         tmp.replace(paths.save_to)
     seconds = time.monotonic() - started
     log(f"{task}: done in {seconds:.1f}s")
-    return {"task": task, "weights": str(paths.weights), **result, "seconds": round(seconds, 1)}
+    out = {"task": task, "weights": str(paths.weights), **result, "seconds": round(seconds, 1)}
+    if run_id:
+        from mvptr import tracking
+
+        tracking.log_metrics(run_id, flat_metrics(out), step=0)
+        out["mlflow_run_id"] = run_id
+    return out
+
+
+RUN_FILE = "run.json"
+
+
+def open_evaluation_run(cfg: Mapping[str, Any], task: str, paths: TaskPaths) -> str:
+    """The task's MLflow run: resumed from run_dir/run.json (a requeued job), else started; its id kept there."""
+    from mvptr import tracking
+
+    run_file = Path(paths.run_dir) / RUN_FILE
+    previous = json.loads(run_file.read_text())["mlflow_run_id"] if run_file.is_file() else None
+    try:
+        run_id = tracking.open_run(cfg, stage="evaluate", task=task, run_id=previous, on_param_conflict="warn",
+                                   dataset=paths.dataset)
+    except tracking.ResumeConflict:  # an older job folder of another study: a new run
+        run_id = tracking.open_run(cfg, stage="evaluate", task=task, dataset=paths.dataset)
+    atomic_write_json(run_file, {"mlflow_run_id": run_id})
+    return run_id
+
+
+def _log_step(run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    from mvptr import tracking
+
+    tracking.log_metrics(run_id, metrics, step)
 
 
 def flat_metrics(result: Mapping[str, Any]) -> dict[str, float]:

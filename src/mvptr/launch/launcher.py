@@ -27,6 +27,8 @@ What `launch` does, in `folder` (one per rule, its log folder):
   again (forced, or with a changed input) runs the job again.
 - While waiting, the result pickles are checked every `poll_seconds`; the scheduler is asked for the state
   too (at once for local jobs, with back-off up to 30 s for SLURM so a long job does not hammer slurmctld).
+- While waiting, new lines of rank 0's stdout and stderr are copied to this process's stdout (each file read
+  on from where the last poll stopped), so that a rule's log (`> {log}`) shows the trainer's progress.
 - A job that ends without a result (preempted, timed out, killed, node failure, vanished) or whose
   submitit signal handler gave up (`UncompletedJobError`) is resubmitted, up to `max_resubmissions` times
   in one call. A SLURM job cancelled with scancel (state CANCELLED) is a decision to stop: LaunchError.
@@ -56,7 +58,8 @@ Snakemake), the controller and its tasks die too; the record then names a dead j
 and resumes from its checkpoint. Linux only (reads /proc).
 
 SLURM: always `cluster=` explicitly (once SLURM is installed, AutoExecutor would pick it on its own);
-`slurm_account` and `slurm_partition` are passed only when set, `gpus_per_node` only when > 0 (a gres
+`slurm_account`, `slurm_partition`, `qos`, `constraint`, `gres` and `slurm_extra` (further sbatch options, as
+submitit's slurm_additional_parameters) are passed only when set, `gpus_per_node` only when > 0 (a gres
 request on a cluster without gres fails at submission). The state comes from `squeue`, and from `sacct`
 once squeue forgot the job; without accounting, a job squeue no longer lists is simply over. While SLURM
 cannot be reached the launcher keeps waiting and never resubmits. Multi-node and multi-GPU jobs are started
@@ -78,8 +81,10 @@ import hashlib
 import json
 import os
 import pickle
+import shlex
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -138,6 +143,10 @@ class LaunchSettings:
     mem_gb: float | None = None
     slurm_partition: str | None = None
     slurm_account: str | None = None
+    qos: str | None = None  # sbatch --qos
+    constraint: str | None = None  # sbatch --constraint (node features)
+    gres: str | None = None  # sbatch --gres, e.g. "gpu:a100:4" (gpus_per_node asks for GPUs of any type)
+    slurm_extra: str | None = None  # further sbatch options, e.g. "--exclusive --comment=mvptr"
     max_resubmissions: int = 3  # a preempted/timed-out/vanished job is resubmitted (it resumes from its checkpoint)
     poll_seconds: float = 1.0
 
@@ -157,10 +166,11 @@ class LaunchSettings:
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"launch.{key}: must be a number > 0, got {value!r}")
-        for key in ("slurm_partition", "slurm_account"):
+        for key in ("slurm_partition", "slurm_account", "qos", "constraint", "gres", "slurm_extra"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigError(f"launch.{key}: must be a non-empty string or null, got {value!r}")
+        sbatch_options(self.slurm_extra)  # a malformed option fails here, not at submission
         if self.cluster == "local" and self.nodes != 1:
             raise ConfigError(f"launch.nodes: the local executor runs on one node, got {self.nodes}")
 
@@ -183,6 +193,22 @@ class LaunchSettings:
         mem = f"{self.mem_gb:g} GB" if self.mem_gb else "default memory"
         return (f"{self.cluster}: {self.nodes} node(s) x {self.tasks_per_node} task(s), {self.gpus_per_node} GPU(s) "
                 f"per node, {self.cpus_per_task} CPU(s) per task, {mem}, {self.timeout_min} min per job")
+
+
+def sbatch_options(text: str | None) -> dict[str, str | bool]:
+    """`"--exclusive --comment=x"` -> {"exclusive": True, "comment": "x"}: submitit's slurm_additional_parameters
+    (it writes each as `#SBATCH --key[=value]`). Raises ConfigError naming launch.slurm_extra otherwise."""
+    options: dict[str, str | bool] = {}
+    try:
+        words = shlex.split(text or "")
+    except ValueError as err:
+        raise ConfigError(f"launch.slurm_extra: {err} in {text!r}") from err
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not key.startswith("--") or len(key) < 3:
+            raise ConfigError(f"launch.slurm_extra: {word!r} is not an sbatch option of the form --name[=value]")
+        options[key[2:]] = value if sep else True
+    return options
 
 
 def read_job_record(folder: Path | str) -> dict[str, Any] | None:
@@ -401,6 +427,11 @@ def _executor(folder: Path, name: str, settings: LaunchSettings) -> submitit.Aut
         params["slurm_partition"] = settings.slurm_partition
     if settings.slurm_account:
         params["slurm_account"] = settings.slurm_account
+    for key in ("qos", "constraint", "gres"):
+        if getattr(settings, key):
+            params[f"slurm_{key}"] = getattr(settings, key)
+    if settings.slurm_extra:
+        params["slurm_additional_parameters"] = sbatch_options(settings.slurm_extra)
     executor.update_parameters(**params)
     return executor
 
@@ -423,11 +454,21 @@ def _submit(fn: Callable[..., Any], args: tuple[Any, ...], name: str, folder: Pa
 def _wait(job: _Job, settings: LaunchSettings, name: str, log: Callable[[str], None],
           on_state: Callable[[str], None]) -> tuple[str, Any]:
     """Block until the job is over: ("success", rank 0's result), ("error", (task, trace)) or ("incomplete", why)."""
+    follow = _Follower([job.paths().stdout, job.paths().stderr])
+    try:
+        return _wait_loop(job, settings, name, log, on_state, follow)
+    finally:
+        follow.poll(final=True)
+
+
+def _wait_loop(job: _Job, settings: LaunchSettings, name: str, log: Callable[[str], None],
+               on_state: Callable[[str], None], follow: _Follower) -> tuple[str, Any]:
     results: dict[int, tuple[str, Any]] = {}
     state = ""
     interval = settings.poll_seconds
     next_probe = 0.0
     while True:
+        follow.poll()
         results = job.load_results(results)
         if len(results) == job.tasks:
             return _verdict(job, results, "COMPLETED")
@@ -459,6 +500,29 @@ def _wait(job: _Job, settings: LaunchSettings, name: str, log: Callable[[str], N
             if job.cluster == "slurm":
                 interval = min(interval * 2, max(_MAX_SLURM_PROBE_S, settings.poll_seconds))
         time.sleep(settings.poll_seconds)
+
+
+class _Follower:
+    """Copies what was appended to some files to stdout, whole lines only, reading on from the last offsets."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.offsets = {path: 0 for path in paths}
+
+    def poll(self, final: bool = False) -> None:
+        for path, offset in self.offsets.items():
+            try:
+                with path.open("rb") as handle:
+                    handle.seek(offset)
+                    chunk = handle.read()
+            except FileNotFoundError:
+                continue
+            end = len(chunk) if final else chunk.rfind(b"\n") + 1
+            if end > 0:
+                sys.stdout.write(chunk[:end].decode("utf-8", errors="replace"))
+                if final and not chunk.endswith(b"\n"):
+                    sys.stdout.write("\n")
+                sys.stdout.flush()
+                self.offsets[path] = offset + end
 
 
 def _refresh(folder: Path) -> None:

@@ -23,6 +23,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -109,7 +112,8 @@ def _mean_logs(history: list[dict[str, float]]) -> dict[str, float]:
 
 
 class _Tracker:
-    """Rank 0's MLflow run: created on the first start (its id kept in run.json), reused on every resume."""
+    """Rank 0's MLflow run: created on the first start (its id kept in run.json), reused on every resume, with
+    MLflow's system-metrics monitor on it while the job trains."""
 
     def __init__(self, cfg: Mapping[str, Any], stage: int, ckpt_dir: Path, env: Env, log: Log) -> None:
         self.run_id: str | None = None
@@ -129,6 +133,9 @@ class _Tracker:
             log(f"not resuming MLflow run {previous}: {err}; starting a new run")
             self.run_id = tracking.open_run(cfg, stage=f"pretrain_stage{stage}", task="pretrain")
         atomic_write_json(run_file, {"mlflow_run_id": self.run_id})
+        # MLflow's system metrics while the job runs; a crashed job's daemon thread dies with it, and
+        # `mvptr pretrain stage` then marks the run FAILED.
+        self._monitor = tracking.start_system_metrics(self.run_id)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         if self.run_id:
@@ -136,7 +143,50 @@ class _Tracker:
 
     def close(self, status: str = "FINISHED") -> None:
         if self.run_id:
+            self._monitor.finish()
             self._tracking.close_run(self.run_id, status)
+
+
+class _PreemptionSignal:
+    """Defers submitit's preemption/timeout signal (USR2 unless $SUBMITIT_PREEMPT_SIGNAL) to the end of a step.
+
+    submitit's handler checkpoints the job object and requeues at once, interrupting the step wherever it is: the
+    run would resume from its last periodic checkpoint and lose up to `checkpoint_every` steps. Here the signal
+    only sets a flag; the loop finishes the step, writes its checkpoint (every rank agrees on the step), then hands
+    the signal to the handler it replaced (submitit's requeue), so the requeued job resumes at that very step.
+    """
+
+    def __init__(self) -> None:
+        name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+        self.signum = getattr(signal, name if name.startswith("SIG") else f"SIG{name}")
+        self.frame: Any = None
+        self.received = False
+        # only the main thread may set handlers (a job run in a thread keeps submitit's as they are)
+        self.active = threading.current_thread() is threading.main_thread()
+        self.previous = signal.signal(self.signum, self._on_signal) if self.active else None
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.received, self.frame = True, frame
+
+    def requested(self, env: Env) -> bool:
+        """Whether any rank got the signal (a collective when there are several ranks)."""
+        if env.world_size == 1:
+            return self.received
+        flag = torch.tensor([int(self.received)], device=env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def hand_over(self) -> None:
+        """Restore the replaced handler and let it act (submitit: requeue and exit)."""
+        signal.signal(self.signum, self.previous)
+        if callable(self.previous):
+            self.previous(self.signum, self.frame)
+        else:
+            signal.raise_signal(self.signum)
+
+    def restore(self) -> None:
+        if self.active:
+            signal.signal(self.signum, self.previous)
 
 
 def train_stage(cfg: Mapping[str, Any], stage: int, paths: StagePaths, *, log: Log = print,
@@ -230,6 +280,7 @@ def _train(cfg: Mapping[str, Any], stage: int, model: VLModel, objectives: list[
     window: list[dict[str, float]] = []
     tick, tick_step = time.monotonic(), start
     use_bf16 = env.device.type == "cuda"
+    preemption = _PreemptionSignal()
     for index in range(start, end):
         step_module.train()
         for k in range(accum):
@@ -257,7 +308,8 @@ def _train(cfg: Mapping[str, Any], stage: int, model: VLModel, objectives: list[
             log(f"stage {stage} step {done}/{steps} ({100 * done / steps:.0f}%) loss {metrics['loss']:.4f} "
                 f"lr {metrics['lr']:.2e} {rate:.0f} pairs/s ETA {eta:.0f}s")
             window, tick, tick_step = [], now, done
-        if done % pcfg["checkpoint_every"] == 0 or done == end:
+        signalled = preemption.requested(env)
+        if done % pcfg["checkpoint_every"] == 0 or done == end or signalled:
             rng = _gather(_rng_state(generator), env)
             if env.is_main:
                 save_state(ckpt_dir, 0, {"step_module": step.state_dict(), "optimizer": optimizer.state_dict(),
@@ -265,6 +317,11 @@ def _train(cfg: Mapping[str, Any], stage: int, model: VLModel, objectives: list[
                                          "rng": rng, "mlflow_run_id": tracker.run_id or ""})
             if env.world_size > 1:
                 dist.barrier()
+        if signalled:
+            log(f"stage {stage}: signal {signal.Signals(preemption.signum).name} at step {done}: checkpoint "
+                f"written, handing over to the requeue")
+            preemption.hand_over()
+    preemption.restore()
     completed = end == steps
     if completed:
         tracker.close()
