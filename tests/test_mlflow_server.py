@@ -141,20 +141,31 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium here (Debian: apt-get install chromium)")
-def test_the_ui_opens_on_training_runs_with_one_row_per_ablation_and_its_metrics(study, mlflow_server, tmp_path):  # noqa: F811
-    """Headless Chromium renders the experiment page of the real `mlflow server`: the training-runs table (the
-    experiment kind), one row per (method, ablation) parent run, and the parents' headline metric as a column.
-    MVPTR_UI_SCREENSHOT=<file.png> keeps a screenshot of the page."""
+def test_the_ui_lists_a_row_per_ablation_and_compares_their_metrics(study, mlflow_server, tmp_path):  # noqa: F811
+    """Headless Chromium renders the real `mlflow server`'s pages: the experiment's training runs, one row per
+    (method, ablation) parent run; and the Compare page of those parents, their headline metric side by side.
+    MVPTR_UI_SCREENSHOT=<stem> keeps screenshots of both pages (<stem>-runs.png, <stem>-compare.png)."""
     mc = study["mc"]
-    experiment = mc.get_run(study["rec"]["mlflow_run_id"]).info.experiment_id
-    url = f"{mlflow_server}/#/experiments/{experiment}/runs"
-    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,900",
+    evaluation = mc.get_run(study["rec"]["mlflow_run_id"])
+    experiment = evaluation.info.experiment_id
+    parents = [r for r in mc.search_runs([experiment], "tags.mvptr_parent = '1'")]
+    assert {r.info.run_name for r in parents} == {"mvptr/full", "mvptr/no_wpg"}
+    ids = json.dumps([r.info.run_id for r in parents]).replace(" ", "")
+    pages = {"runs": f"{mlflow_server}/#/experiments/{experiment}/runs",
+             "compare": f"{mlflow_server}/#/compare-runs?runs={ids}&experiments=[%22{experiment}%22]"}
+    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000",
                "--virtual-time-budget=25000", f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+    dom = {name: subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+           for name, url in pages.items()}
     for name in ("mvptr/full", "mvptr/no_wpg"):
-        assert name in dom, dom[-3000:]
-    assert "rec_val_accuracy" in dom, "the parents' headline metric is not a column of the runs table"
-    assert "No data" not in dom  # the GenAI traces overview, shown when the experiment kind is unset
-    screenshot = os.environ.get("MVPTR_UI_SCREENSHOT")
-    if screenshot:
-        subprocess.run([*browser, f"--screenshot={screenshot}", url], capture_output=True, timeout=180, check=True)
+        assert name in dom["runs"] and name in dom["compare"], dom["runs"][-2000:]
+    assert "No data" not in dom["runs"]  # the GenAI traces overview, shown when the experiment kind is unset
+    assert "rec_val_accuracy" in dom["compare"], "the parents' headline metric is not on the Compare page"
+    for parent in parents:
+        value = parent.data.metrics["rec_val_accuracy"]
+        assert str(value)[:4] in dom["compare"], value  # the UI rounds: compare the leading digits
+    stem = os.environ.get("MVPTR_UI_SCREENSHOT")
+    if stem:
+        for name, url in pages.items():
+            subprocess.run([*browser, f"--screenshot={stem}-{name}.png", url], capture_output=True, timeout=180,
+                           check=True)

@@ -153,9 +153,10 @@ def test_forcing_stage_two_reruns_only_stage_two(tiny_run: Path):
     proc = snakemake("-n", "--forcerun", "pretrain_stage2", "--config", *FAST, workdir=tiny_run)
     assert proc.returncode == 0, proc.stderr
     counts = job_counts(proc.stdout)
-    # Stage two of `full` of each method, then their evaluations and the summary; nothing upstream.
+    # Stage two of `full` of each method, then their evaluations, the summary and DVC's export; nothing upstream.
     n = len(METHODS)
     assert counts.pop("pretrain_stage2") == n and counts.pop("summarize") == 1 and counts.pop("all") == 1, counts
+    assert counts.pop("dvc_export") == 1, counts  # DVC's stable-path metrics and plots (workflow/rules/dvc.smk)
     assert counts == {f"evaluate_{task}": n for task in TASKS}
 
 
@@ -168,4 +169,5 @@ def test_a_stage_two_override_leaves_stage_one_and_the_data_alone(tiny_run: Path
     counts = job_counts(proc.stdout)
     n = len(METHODS)
     assert counts.pop("pretrain_stage2") == n and counts.pop("summarize") == 1 and counts.pop("all") == 1, counts
+    assert counts.pop("dvc_export") == 1, counts  # DVC's stable-path metrics and plots (workflow/rules/dvc.smk)
     assert counts == {f"evaluate_{task}": n for task in TASKS}

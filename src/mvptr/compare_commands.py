@@ -23,14 +23,11 @@ from typing import TYPE_CHECKING
 
 from mvptr.config import add_config_arguments
 from mvptr.errors import ConfigError, DataError
+from mvptr.headline import HEADLINE_METRICS
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-# The headline numbers of each downstream task (the MLflow metric names of `mvptr evaluate run`): retrieval's
-# R@1 and R-sum zero-shot, fine-tuned and re-ranked; VQA's overall accuracy; the others' accuracy per split.
-HEADLINE_METRICS = ["retrieval/splits/*/*/r_sum", "retrieval/splits/*/*/*_r_at_1", "vqa/splits/*/overall",
-                    "ve/splits/*/accuracy", "rec/splits/*/accuracy", "nlvr2/splits/*/accuracy"]
 
 
 def cmd_compare(args: argparse.Namespace) -> None:

@@ -397,7 +397,7 @@ def start_system_metrics(run_id: str | None) -> Any:
 def headline_metrics(task: str, metrics: Mapping[str, float]) -> dict[str, float]:
     """The metrics of `task` (flat names, `mvptr.evaluate.finetune.flat_metrics`) that `mvptr compare` shows as
     its headline, named for a parent run: `<task>_<split>_..._<metric>` (e.g. retrieval_test_zero_shot_ir_r_at_1)."""
-    from mvptr.compare_commands import HEADLINE_METRICS
+    from mvptr.headline import HEADLINE_METRICS
 
     out = {}
     for key, value in metrics.items():

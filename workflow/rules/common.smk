@@ -213,13 +213,14 @@ def trainer_resources(rule):
 
 def trainer_args(rule):
     """The shell words that hand a GPU rule's resources to its command as launch.rules.<rule>.* overrides
-    (after LAUNCH_ARGS, so they win): one process per GPU, mem_mb in GB."""
+    (after LAUNCH_ARGS, so they win); `gpus` and `mem_mb` (0: keep the config's) become the GPUs, the processes
+    per node and the memory of the trainer's job (mvptr.launch.launcher.LaunchSettings.from_config).
+    """
     key = f"launch.rules.{rule}"
     words = [
-        f"{key}.gpus_per_node={{resources.gpu}}",
-        f"$([ {{resources.gpu}} -gt 0 ] && echo {key}.tasks_per_node={{resources.gpu}})",
+        f"{key}.gpus={{resources.gpu}}",
+        f"{key}.mem_mb={{resources.mem_mb}}",
         f"{key}.cpus_per_task={{resources.cpus_per_task}}",
-        f"$([ {{resources.mem_mb}} -gt 0 ] && echo {key}.mem_gb={{resources.mem_mb}}.0e-3)",
         f"{key}.timeout_min={{resources.runtime}}",
     ]
     words += [

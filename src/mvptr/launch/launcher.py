@@ -181,6 +181,12 @@ class LaunchSettings:
         ConfigError naming it."""
         known = [f.name for f in dataclasses.fields(cls)]
         own = dict((section.get("rules") or {}).get(rule, {})) if rule else {}
+        # a GPU rule's Snakemake resources (workflow/rules/common.smk trainer_args); 0 leaves the keys as they are
+        gpus, mem_mb = own.pop("gpus", 0), own.pop("mem_mb", 0)
+        if gpus:
+            own.update(gpus_per_node=gpus, tasks_per_node=gpus)
+        if mem_mb:
+            own["mem_gb"] = mem_mb / 1000
         merged = {**{k: v for k, v in section.items() if k != "rules"}, **own}
         for key in merged:
             if key not in known:
