@@ -9,6 +9,7 @@ waits for /health, points MLFLOW_TRACKING_URI (this process and the CLI processe
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +37,10 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = (root / "server.log").open("w")
     proc = subprocess.Popen([str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                              "--backend-store-uri", f"sqlite:///{root / 'db'}",
-                             "--artifacts-destination", str(root / "art")], stdout=log, stderr=subprocess.STDOUT)
+                             "--artifacts-destination", str(root / "art")], cwd=root, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            # no background job runner (a pool of huey consumers): tracking needs none of it
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -59,10 +63,11 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = saved
     finally:
-        proc.terminate()
+        # The server runs workers in its own session: end that process group (ours), then reap it.
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()

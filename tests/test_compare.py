@@ -13,18 +13,11 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from mlflow_server import mlflow_server  # noqa: F401 (a fixture)
 from PIL import Image
 
 from mvptr import tracking
@@ -33,7 +26,6 @@ from mvptr.compare import summary_table
 from mvptr.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-MLFLOW = Path(sys.executable).with_name("mlflow")
 METHOD = "mvptr"  # the method of the default config, which log_study logs
 # Names chosen so that plain alphabetical order would not put `full` first.
 ABLATIONS = ["a_no_concepts", "full", "z_no_wpg"]
@@ -46,49 +38,6 @@ EXPECTED = {
     ("z_no_wpg", "retrieval"): {"r1": 0.701, "r5": 0.925},
     ("z_no_wpg", "vqa"): {"acc": 0.125},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real tracking server with a SQLite backend, one worker (the machine is small), killed at the end."""
-    tmp = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = (tmp / "server.log").open("wb")
-    proc = subprocess.Popen([str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-                             "--default-artifact-root", str(tmp / "artifacts")],
-                            cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            # no background job runner (a pool of huey consumers): tracking needs none of it
-                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start:\n{(tmp / 'server.log').read_text(errors='replace')}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        # The server runs workers in its own session: end that process group (ours), then reap it.
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(params=["server", "sqlite"])

@@ -36,6 +36,7 @@ Use:
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import functools
 import getpass
@@ -85,7 +86,17 @@ def tracking_uri() -> str:
 def _cached_client(uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(uri)
+    db = sqlite_path(uri)
+    if db is None:
+        return MlflowClient(uri)
+    # Two jobs opening a new SQLite store at once both run MLflow's schema migrations and one fails ("duplicate
+    # column name"): this process's first open of a store, which creates or migrates it, is serialised.
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        mc = MlflowClient(uri)
+        mc.search_experiments(max_results=1)
+    return mc
 
 
 def client(uri: str | None = None) -> MlflowClient:
