@@ -61,8 +61,9 @@ def copy_tree(dest: Path) -> Path:
         if (ROOT / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, dest / name)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+    # a repository-local identity: `dvc exp run` commits the experiment, and CI's machine may have no global one
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "t"], ["git", "config", "user.email", "t@t"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
         run(cmd, dest)
     return dest
 
