@@ -29,5 +29,9 @@ class ConfigJob(submitit.helpers.Checkpointable):
         import torch
 
         torch.set_num_threads(max(1, int(self.cfg["launch"]["cpus_per_task"])))
+        if self.cfg["launch"].get("deterministic"):
+            from mvptr.launch.determinism import enter_deterministic_job
+
+            enter_deterministic_job()
         module, name = self.target.split(":")
         return getattr(importlib.import_module(module), name)(self.cfg, *self.args)

@@ -98,6 +98,7 @@ from submitit.core.utils import JobPaths
 
 from mvptr.atomic import atomic_write_json
 from mvptr.errors import ConfigError
+from mvptr.launch.determinism import PINNED_ENVIRONMENT
 
 T = TypeVar("T")
 
@@ -148,6 +149,7 @@ class LaunchSettings:
     gres: str | None = None  # sbatch --gres, e.g. "gpu:a100:4" (gpus_per_node asks for GPUs of any type)
     slurm_extra: str | None = None  # further sbatch options, e.g. "--exclusive --comment=mvptr"
     max_resubmissions: int = 3  # a preempted/timed-out/vanished job is resubmitted (it resumes from its checkpoint)
+    deterministic: bool = False  # pinned CPU kernels: the same bits on any x86-64 CPU (mvptr.launch.determinism)
     poll_seconds: float = 1.0
 
     def __post_init__(self) -> None:
@@ -170,6 +172,8 @@ class LaunchSettings:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigError(f"launch.{key}: must be a non-empty string or null, got {value!r}")
+        if not isinstance(self.deterministic, bool):
+            raise ConfigError(f"launch.deterministic: must be true or false, got {self.deterministic!r}")
         sbatch_options(self.slurm_extra)  # a malformed option fails here, not at submission
         if self.cluster == "local" and self.nodes != 1:
             raise ConfigError(f"launch.nodes: the local executor runs on one node, got {self.nodes}")
@@ -452,7 +456,8 @@ def _new_job_folder(folder: Path) -> Path:
 def _submit(fn: Callable[..., Any], args: tuple[Any, ...], name: str, folder: Path,
             settings: LaunchSettings) -> _Job:
     job_folder = _new_job_folder(folder)
-    job = _executor(job_folder, name, settings).submit(fn, *args)
+    with _environ(**_job_environment(settings)):  # a local process and sbatch (--export=ALL) inherit it
+        job = _executor(job_folder, name, settings).submit(fn, *args)
     return _Job(settings.cluster, str(job.job_id), job_folder, settings.nodes * settings.tasks_per_node, _now(),
                 process=getattr(job, "_process", None))
 
@@ -637,6 +642,10 @@ def _previous_record(folder: Path, fingerprint: str, name: str, log: Callable[[s
     return record
 
 
+def _job_environment(settings: LaunchSettings) -> dict[str, str]:
+    return dict(PINNED_ENVIRONMENT) if settings.deterministic else {}
+
+
 @contextlib.contextmanager
 def _environ(**values: str) -> Iterator[None]:
     saved = {key: os.environ.get(key) for key in values}
@@ -661,7 +670,8 @@ def _run_debug(fn: Callable[..., T], args: tuple[Any, ...], name: str, folder: P
     # DebugJob.result() would drop into pdb on an exception; run the submission with the job's environment
     # instead, so that submitit.JobEnvironment() works inside fn
     try:
-        with _environ(SUBMITIT_DEBUG_JOB_ID=job.job_id, SUBMITIT_FOLDER=str(job_folder)):
+        with _environ(SUBMITIT_DEBUG_JOB_ID=job.job_id, SUBMITIT_FOLDER=str(job_folder),
+                      **_job_environment(settings)):
             result = debug_job.submission().result()
     except Exception as err:
         _write_record(folder, name, job, 1, fingerprint, "FAILED", [])
