@@ -183,3 +183,48 @@ def test_changing_any_stage_one_number_gives_a_new_stage_one_folder(method: str)
         elif classes[key] in ("stage2", "evaluate", "launch", "workflow"):
             assert not changed, f"{key} ({classes[key]}) changes the stage-one hash"
     assert tried > 20
+
+
+# --- a method's own model options (method.*) reach the model it builds ---------------------------------------
+
+def _built(*overrides: str):
+    from mvptr.models import build_model
+    from mvptr.text import load_tokenizer
+
+    cfg = load_config(["model.hidden_size=32", "model.intermediate_size=64", *overrides], root=ROOT)
+    return build_model(cfg, vocab_size=len(load_tokenizer(cfg["model"]["tokenizer"])), region_feature_dim=8)
+
+
+@pytest.mark.parametrize("method", ["mvptr", "simla", "semvlp"])
+def test_a_methods_model_options_reach_the_built_model(method: str):
+    import torch
+
+    contrastive = method != "semvlp"  # SemVLP has no contrastive heads: no temperature_init, projection_dim
+    options = ["method.region_layernorm=false"] + (["method.temperature_init=0.05", "method.projection_dim=24"]
+                                                   if contrastive else [])
+    if method == "mvptr":
+        options.append("method.tag_token_type=0")
+    model = _built(f"method.name={method}", *options)
+    assert isinstance(model.region_embeddings[1], torch.nn.Identity)
+    assert isinstance(_built(f"method.name={method}").region_embeddings[1], torch.nn.LayerNorm)
+    if contrastive:
+        head = model.heads["contrastive"]
+        assert head.temperature.item() == pytest.approx(0.05) and model.config.embedding_dim == 24
+    if method == "mvptr":
+        assert model.config.tag_token_type == 0
+
+
+@pytest.mark.parametrize("override, words", [
+    ("method.region_layernorm=maybe", ["method.region_layernorm", "boolean"]),
+    ("method.temperature_init=0", ["method.temperature_init", "> 0"]),
+    ("method.tag_token_type=2", ["method.tag_token_type", "<= 1"]),
+    # A method option under model: is refused, and the message says where it belongs.
+    ("model.region_layernorm=false", ["model.region_layernorm", "method.* keys", "configs/methods/<name>.yaml"]),
+])
+def test_a_bad_model_option_is_refused_naming_the_key(override: str, words: list[str]):
+    with pytest.raises(ConfigError) as err:
+        load_config([override], root=ROOT)
+    for word in words:
+        assert word in str(err.value)
+    proc = run_mvptr("config", "show", override)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and words[0] in proc.stderr

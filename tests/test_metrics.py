@@ -153,9 +153,25 @@ def test_vqa_soft_scores() -> None:
     answers = ["2"] * 4 + ["3"] * 2 + ["4"] + ["many"] * 3
     # 4 humans -> 1.0, 2 -> 0.6, 1 -> 0.3, 3 -> 0.9 (the same leave-one-out averages as above).
     assert vqa_soft_scores(answers) == pytest.approx({"2": 1.0, "3": 0.6, "4": 0.3, "many": 0.9})
-    # Normalised first: "Two" and "two" count as "2".
-    assert vqa_soft_scores(["Two", "two", "2"] + ["no"] * 7) == pytest.approx({"2": 0.9, "no": 1.0})
-    assert vqa_soft_scores(["Two"], normalize=False) == {"Two": 0.0}
+    # Keys are normalised like predictions ("Two" -> "2"), but the score is what the metric gives predicting "2":
+    # the humans' "Two" and "two" are compared unnormalised (as officially), so only the two "2" count.
+    assert vqa_soft_scores(["Two", "2", "2", "two", "3"] + ["no"] * 5) == \
+        pytest.approx({"2": 0.6, "3": 0.3, "no": 1.0})
+
+
+@pytest.mark.parametrize("answers", [
+    ["Two", "2", "2", "two", "3"] + ["no"] * 5,
+    ["hot-dog"] * 3 + ["hot dog", "Hot Dog", "a hot dog", "dog?", "dog", "dog.", "x"],
+    ["The Cat's toy", "cat's toy", "dont", "don't", "1,000", "1000", "3.5", "none", "0", "left-hand"],
+    ["Two"] * 10,  # all the same: the humans get no processing at all
+    ["yes"] * 10,
+])
+def test_vqa_soft_score_is_the_accuracy_of_predicting_the_answer(answers: list[str]) -> None:
+    scores = vqa_soft_scores(answers)
+    assert set(scores) == {normalize_answer(answer) for answer in answers}
+    for answer in set(answers) | set(scores):
+        # Every human answer, raw or as the vocabulary spells it: training's target is the metric's score.
+        assert scores[normalize_answer(answer)] == vqa_accuracy(answer, answers), answer
 
 
 def test_vqa_report_per_question_type() -> None:

@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import torch
 
+from mvptr.seeds import derive_seed
+
 
 def batch_indices(num_items: int, batch_size: int, step: int, seed: int, rank: int = 0,
                   world_size: int = 1) -> list[int]:
     """This rank's share of global batch `step` (epochs of `num_items // batch_size` full batches).
 
-    Epoch e shuffles the items with a generator seeded by (seed, e), global batch b is the next `batch_size`
-    indices, and rank r takes every world-th of them: a run resumed at step s reads exactly the batches a
-    straight run reads, on any number of ranks."""
+    Epoch e shuffles the items with a generator seeded by (seed, "order", e) (`mvptr.seeds`), global batch b
+    is the next `batch_size` indices, and rank r takes every world-th of them: a run resumed at step s reads
+    exactly the batches a straight run reads, on any number of ranks."""
     if batch_size % world_size:
         raise ValueError(f"batch_size {batch_size} does not divide among {world_size} ranks")
     per_epoch = num_items // batch_size
     if per_epoch == 0:
         raise ValueError(f"batch_size {batch_size} is larger than the {num_items} training pairs")
     epoch, within = divmod(step, per_epoch)
-    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(derive_seed(seed, "order", epoch)))
     batch = order[within * batch_size:(within + 1) * batch_size]
     return batch[rank::world_size].tolist()

@@ -12,12 +12,15 @@ Source: GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py.
                     annotations are already normalised; this is what the script does)
     accuracy        mean over the 10 leave-one-out subsets of min(#humans in the other 9 who gave the
                     prediction / 3, 1): 0, 0.3, 0.6, 0.9 and 1.0 for 0, 1, 2, 3 and 4+ matching humans
-`vqa_soft_scores(answers)` gives that accuracy for every distinct (normalised) answer: the soft BCE target.
+`vqa_soft_scores(answers)` is {a: vqa_accuracy(a, answers)} over the distinct normalised human answers a (the
+vocabulary's spelling), the soft BCE target: training rewards an answer exactly as the metric will score it, so
+"Two" among the humans scores nothing (the script compares "2" with the humans' "Two"), as it does officially.
 `answer_vocabulary(examples, max_answers)` is every normalised training answer, most frequent first.
 
 Use:
     vqa_accuracy("Two", ["2"] * 10)                    # 1.0
     vqa_soft_scores(["2"] * 3 + ["3"] * 7)              # {"2": 0.9, "3": 1.0}
+    vqa_soft_scores(["Two", "2", "2", "3"] + ["no"] * 6)   # {"2": 0.6, "3": 0.3, "no": 1.0}
 """
 
 from __future__ import annotations
@@ -98,30 +101,33 @@ def _answer_text(answer: str | Mapping[str, Any]) -> str:
     return answer if isinstance(answer, str) else str(answer["answer"])
 
 
-def _leave_one_out(candidate: str, answers: Sequence[str]) -> float:
-    """Mean over the humans of min(#other humans who gave `candidate` / 3, 1)."""
-    if not answers:
+def _scored_humans(answers: Iterable[str | Mapping[str, Any]]) -> list[str]:
+    """The human answers as the script compares them: punctuation handling only, and only when they differ."""
+    humans = [_answer_text(answer) for answer in answers]
+    if not humans:
         raise ValueError("no human answers")
-    matches = sum(answer == candidate for answer in answers)
-    return sum(min(1.0, (matches - (answer == candidate)) / 3) for answer in answers) / len(answers)
+    return [_process_punctuation(answer) for answer in humans] if len(set(humans)) > 1 else humans
+
+
+def _accuracy(pred: str, humans: Sequence[str]) -> float:
+    """Mean over the (scored) humans of min(#other humans who gave the normalised prediction / 3, 1)."""
+    candidate = normalize_answer(pred)
+    matches = sum(answer == candidate for answer in humans)
+    return sum(min(1.0, (matches - (answer == candidate)) / 3) for answer in humans) / len(humans)
 
 
 def vqa_accuracy(pred: str, answers: Iterable[str | Mapping[str, Any]]) -> float:
     """The official VQA accuracy in [0, 1] of one predicted answer against the human answers (10 in VQA v2)."""
-    humans = [_answer_text(answer) for answer in answers]
-    if len(set(humans)) > 1:
-        humans = [_process_punctuation(answer) for answer in humans]
-    return _leave_one_out(normalize_answer(pred), humans)
+    return _accuracy(pred, _scored_humans(answers))
 
 
-def vqa_soft_scores(answers: Iterable[str | Mapping[str, Any]], normalize: bool = True) -> dict[str, float]:
-    """{answer: accuracy a prediction of it would get} over the distinct answers: the soft BCE target.
-    Answers are normalised like predictions (so that they match the answer vocabulary's spelling) unless
-    `normalize=False`. 1, 2, 3 and 4+ humans give 0.3, 0.6, 0.9 and 1.0 (for 10 answers)."""
-    humans = [_answer_text(answer) for answer in answers]
-    if normalize:
-        humans = [normalize_answer(answer) for answer in humans]
-    return {answer: _leave_one_out(answer, humans) for answer in Counter(humans)}
+def vqa_soft_scores(answers: Iterable[str | Mapping[str, Any]]) -> dict[str, float]:
+    """{normalised human answer: `vqa_accuracy` of predicting it}: the soft BCE target. 1, 2, 3 and 4+ matching
+    humans give 0.3, 0.6, 0.9 and 1.0 (for 10 answers)."""
+    answers = list(answers)
+    humans = _scored_humans(answers)
+    return {answer: _accuracy(answer, humans)
+            for answer in dict.fromkeys(normalize_answer(_answer_text(raw)) for raw in answers)}
 
 
 def answer_vocabulary(examples: Sequence[VQAExample], max_answers: int | None = None) -> list[str]:

@@ -91,6 +91,7 @@ from mvptr.objectives.heads import MLPHead
 from mvptr.objectives.step import PretrainStep, momentum_options
 from mvptr.pairs import EncodedText, PairDataset, PairInputs, TextEncoder, collate, collate_image, collate_text
 from mvptr.progress import Progress
+from mvptr.seeds import derive_seed
 from mvptr.train.optim import build_optimizer
 
 Log = Callable[[str], None]
@@ -244,8 +245,9 @@ def retrieval(res: Resources, cfg: Mapping[str, Any], seed: int, log: Log) -> tu
         before = encode_split(res.model, test, res.device, ecfg["eval_batch_size"])
         metrics["zero_shot"] = retrieval_recalls(before.similarity(), before.text_to_image)
     options = retrieval_objectives(cfg)
-    step = PretrainStep(res.model, list(options), options, torch.Generator().manual_seed(seed),
-                        **momentum_options(cfg), scheduled_modes=False).to(res.device)
+    generator = torch.Generator().manual_seed(derive_seed(seed, "objectives"))
+    step = PretrainStep(res.model, list(options), options, generator, **momentum_options(cfg),
+                        scheduled_modes=False).to(res.device)
 
     def batch_loss(indices: list[int], index: int) -> Tensor:
         return step(res.to_device(collate([train[i] for i in indices])), step=index)[0]
@@ -522,8 +524,9 @@ def finetune(cfg: Mapping[str, Any], task: str, paths: TaskPaths, *, log: Log = 
         raise ValueError(f"unknown downstream task {task!r}; tasks: {', '.join(task_files.TASKS)}")
     started = time.monotonic()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # Dropout draws from the global generator: seeded per (seed, task), as are the heads' initialisation.
-    seed = cfg["seed"] * 1000 + task_files.TASKS.index(task)
+    # Dropout draws from the global generator: seeded per (seed, task) (mvptr.seeds), as are the heads'
+    # initialisation.
+    seed = derive_seed(cfg["seed"], "finetune", task)
     torch.manual_seed(seed)
     run_id = open_evaluation_run(cfg, task, paths) if paths.run_dir is not None else None
     monitor = None
