@@ -171,9 +171,9 @@ def _link(name: str, target: str, kind: bytes) -> tuple[tarfile.TarInfo, None]:
     return info, None
 
 
-def _device(name: str) -> tuple[tarfile.TarInfo, None]:
+def _device(name: str, kind: bytes = tarfile.CHRTYPE) -> tuple[tarfile.TarInfo, None]:
     info = tarfile.TarInfo(name)
-    info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
+    info.type, info.devmajor, info.devminor = kind, 1, 3
     return info, None
 
 
@@ -195,7 +195,14 @@ TAR_ESCAPES = {
     "symlink out": [_link("out", "../outside", tarfile.SYMTYPE), _file("out/escape.txt")],
     "absolute symlink": [_link("abs", "/etc/passwd", tarfile.SYMTYPE)],
     "hard link out": [_link("hard", "../outside.txt", tarfile.LNKTYPE)],
+    "absolute hard link": [_link("hard", "/etc/passwd", tarfile.LNKTYPE)],
+    # b -> a/.. looks inside while a does not exist yet; once a -> . is unpacked, b is the parent folder.
+    "symlink chain out": [_link("a", ".", tarfile.SYMTYPE), _link("b", "a/..", tarfile.SYMTYPE),
+                          _file("b/escape.txt")],
+    "nested symlink out": [_link("sub/up", "../..", tarfile.SYMTYPE), _file("sub/up/escape.txt")],
     "device file": [_device("dev")],
+    "block device": [_device("blk", tarfile.BLKTYPE)],
+    "fifo": [_device("fifo", tarfile.FIFOTYPE)],
 }
 
 
@@ -228,6 +235,12 @@ ZIP_ESCAPES = {
     "nested dot-dot": ("a/../../escape.txt", None),
     "symlink": ("link", stat.S_IFLNK | 0o777),
     "device file": ("dev", stat.S_IFCHR | 0o666),
+    "fifo": ("fifo", stat.S_IFIFO | 0o666),
+    "backslash dot-dot": ("..\\..\\escape.txt", None),
+    "backslash absolute": ("\\tmp\\escape.txt", None),
+    "drive letter": ("C:/escape.txt", None),
+    "drive-relative": ("C:escape.txt", None),
+    "UNC path": ("\\\\server\\share\\escape.txt", None),
 }
 
 

@@ -16,8 +16,8 @@ rule extract_concepts:
     params:
         config=config_args(CONCEPT_KEYS),
     shell:
-        "mvptr concepts extract --dataset {input} --out {output} --n-process {threads} "
-        "{params.config} > {log} 2>&1"
+        "mvptr concepts extract --dataset {input:q} --out {output:q} --n-process {threads} "
+        "{params.config} > {log:q} 2>&1"
 
 
 rule concept_quality:
@@ -35,8 +35,8 @@ rule concept_quality:
     params:
         config=config_args(CONCEPT_KEYS),
     shell:
-        "MVPTR_RULE=concept_quality mvptr concepts quality --dataset {input.dataset} "
-        "--concepts {input.concepts} --out {output} {params.config} > {log} 2>&1"
+        "MVPTR_RULE=concept_quality mvptr concepts quality --dataset {input.dataset:q} "
+        "--concepts {input.concepts:q} --out {output:q} {params.config} > {log:q} 2>&1"
 
 
 rule build_concept_vocab:
@@ -54,5 +54,5 @@ rule build_concept_vocab:
     params:
         config=config_args(CONCEPT_KEYS),
     shell:
-        "mvptr concepts vocab --dataset {input.dataset} --concepts {input.concepts} "
-        "--out {output} {params.config} > {log} 2>&1"
+        "mvptr concepts vocab --dataset {input.dataset:q} --concepts {input.concepts:q} "
+        "--out {output:q} {params.config} > {log:q} 2>&1"

@@ -25,8 +25,8 @@ rule download_source:
         entry=source_entry,
         out=lambda wildcards, output: Path(output[0]).parent,
     shell:
-        "mvptr data download --source {wildcards.source} --out {params.out} {params.config} {resources.launch} "
-        "> {log} 2>&1"
+        "mvptr data download --source {wildcards.source:q} --out {params.out:q} {params.config} {resources.launch} "
+        "> {log:q} 2>&1"
 
 
 # img2dataset runs from its own environment (download.img2dataset; `make img2dataset`).
@@ -47,8 +47,8 @@ rule fetch_web_images:
         config=config_args(["download.catalog"]),
         folder=lambda wildcards, output: Path(output[0]).parent,
     shell:
-        "mvptr data web-images --source {wildcards.source} --dir {params.folder} {params.config} {resources.launch} "
-        "> {log} 2>&1"
+        "mvptr data web-images --source {wildcards.source:q} --dir {params.folder:q} {params.config} {resources.launch} "
+        "> {log:q} 2>&1"
 
 
 rule prepare_data:
@@ -65,4 +65,4 @@ rule prepare_data:
     params:
         config=config_args(DATA_KEYS),
     shell:
-        "mvptr data prepare --out {output} --downloads resources/downloads {params.config} > {log} 2>&1"
+        "mvptr data prepare --out {output:q} --downloads resources/downloads {params.config} > {log:q} 2>&1"

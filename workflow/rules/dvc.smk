@@ -22,11 +22,11 @@ rule dvc_export:
     conda:
         "../../environment.yml"
     params:
-        runs=" ".join(
+        runs=[
             f"{method}/{ablation}={stage1_dir((method, ablation))}"
             for method, ablation in RUNS
-        ),
+        ],
         # results/<dataset>: every input lies under it
         results=lambda wildcards, input: "/".join(Path(input[0]).parts[:2]),
     shell:
-        "mvptr dvc export --results {params.results} --runs {params.runs} --out-dir results/dvc > {log} 2>&1"
+        "mvptr dvc export --results {params.results:q} --runs {params.runs:q} --out-dir results/dvc > {log:q} 2>&1"

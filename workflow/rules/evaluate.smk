@@ -35,9 +35,9 @@ for task in EVAL_TASKS:
             job_dir=f"results/logs/evaluate_{task}/{{dataset}}/{{method}}/{{ablation}}.submitit",
             config=step_args("evaluate"),
         shell:
-            "MVPTR_RULE=evaluate_{params.task} mvptr evaluate run --task {params.task} "
-            "--dataset {input.dataset} --concepts {input.concepts} --vocab {input.vocab} "
-            "--regions {input.regions} --weights {input.weights} --job-dir {params.job_dir} "
-            "--out {output} {params.config} {resources.launch} "
+            "MVPTR_RULE=evaluate_{params.task:q} mvptr evaluate run --task {params.task:q} "
+            "--dataset {input.dataset:q} --concepts {input.concepts:q} --vocab {input.vocab:q} "
+            "--regions {input.regions:q} --weights {input.weights:q} --job-dir {params.job_dir:q} "
+            "--out {output:q} {params.config} {resources.launch} "
             + trainer_args(f"evaluate_{task}")
-            + " > {log} 2>&1"
+            + " > {log:q} 2>&1"

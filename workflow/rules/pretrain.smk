@@ -40,11 +40,11 @@ rule pretrain_stage1:
         out="results/{dataset}/pretrain/stage1-{stage1}",
         config=stage1_args,
     shell:
-        "MVPTR_RULE=pretrain_stage1 mvptr pretrain stage --stage 1 --dataset {input.dataset} "
-        "--concepts {input.concepts} --vocab {input.vocab} --regions {input.regions} "
-        "--ckpt-dir {params.ckpt_dir} --job-dir {params.job_dir} --out {params.out} {params.config} {resources.launch} "
+        "MVPTR_RULE=pretrain_stage1 mvptr pretrain stage --stage 1 --dataset {input.dataset:q} "
+        "--concepts {input.concepts:q} --vocab {input.vocab:q} --regions {input.regions:q} "
+        "--ckpt-dir {params.ckpt_dir:q} --job-dir {params.job_dir:q} --out {params.out:q} {params.config} {resources.launch} "
         + trainer_args("pretrain_stage1")
-        + " > {log} 2>&1"
+        + " > {log:q} 2>&1"
 
 
 rule pretrain_stage2:
@@ -80,9 +80,9 @@ rule pretrain_stage2:
         out="results/{dataset}/{method}/{ablation}/pretrain_stage2",
         config=step_args("stage2"),
     shell:
-        "MVPTR_RULE=pretrain_stage2 mvptr pretrain stage --stage 2 --dataset {input.dataset} "
-        "--concepts {input.concepts} --vocab {input.vocab} --regions {input.regions} "
-        "--init-weights {input.stage1} --ckpt-dir {params.ckpt_dir} --job-dir {params.job_dir} "
-        "--out {params.out} {params.config} {resources.launch} "
+        "MVPTR_RULE=pretrain_stage2 mvptr pretrain stage --stage 2 --dataset {input.dataset:q} "
+        "--concepts {input.concepts:q} --vocab {input.vocab:q} --regions {input.regions:q} "
+        "--init-weights {input.stage1:q} --ckpt-dir {params.ckpt_dir:q} --job-dir {params.job_dir:q} "
+        "--out {params.out:q} {params.config} {resources.launch} "
         + trainer_args("pretrain_stage2")
-        + " > {log} 2>&1"
+        + " > {log:q} 2>&1"

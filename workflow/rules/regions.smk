@@ -19,4 +19,4 @@ rule extract_region_features:
         config=config_args(REGION_KEYS),
     shell:
         "MVPTR_RULE=extract_region_features OMP_NUM_THREADS={threads} mvptr regions extract "
-        "--dataset {input} --out {output} {params.config} > {log} 2>&1"
+        "--dataset {input:q} --out {output:q} {params.config} > {log:q} 2>&1"

@@ -28,10 +28,10 @@ rule summarize:
     conda:
         "../../environment.yml"
     params:
-        runs=" ".join(f"{method}/{ablation}" for method, ablation in RUNS),
-        methods=" ".join(dict.fromkeys(method for method, _ in RUNS)),
+        runs=[f"{method}/{ablation}" for method, ablation in RUNS],
+        methods=list(dict.fromkeys(method for method, _ in RUNS)),
         out="results/summary/{dataset}",
     shell:
-        "MVPTR_RULE=summarize mvptr compare --evaluations {input} "
-        "--out-dir {params.out} --runs {params.runs} --methods {params.methods} > {log} 2>&1 "
-        "&& cat {output.headline} >> {log}"
+        "MVPTR_RULE=summarize mvptr compare --evaluations {input:q} "
+        "--out-dir {params.out:q} --runs {params.runs:q} --methods {params.methods:q} > {log:q} 2>&1 "
+        "&& cat {output.headline:q} >> {log:q}"

@@ -4,9 +4,11 @@ Why: an archive from the web is input, not code; a member named `/etc/x` or `../
 pointing out of the target, or a device file must be refused before anything is written. Tar archives go
 through the standard library's `data` extraction filter (PEP 706), which refuses all of those; zip archives
 have no filter in the standard library, so each member's name and mode are checked here (absolute, drive or
-`..` names and symlinks are refused). Every member is checked before the first one is written, and the
-archive is unpacked into a temporary folder beside the target whose entries are moved in only when all of it
-unpacked: an interrupted extraction leaves nothing that looks finished.
+`..` names and symlinks are refused). Every member is checked before the first one is written; a tar member
+that escapes only through links unpacked before it (`a -> .`, `b -> a/..`, then `b/x`) is caught by the filter
+as it is written, and refused the same way. The archive is unpacked into a temporary folder beside the target
+whose entries are moved in only when all of it unpacked: a refused or interrupted extraction leaves nothing
+in the target and nothing that looks finished.
 
 Use:
     names = extract_archive(Path("downloads/coco2014/annotations_trainval2014.zip"), Path("downloads/coco2014"))
@@ -39,8 +41,12 @@ def _check_tar(archive: Path, tar: tarfile.TarFile, target: Path) -> None:
         try:
             tarfile.data_filter(member, str(target))
         except tarfile.FilterError as err:
-            raise UnsafeArchiveError(f"{archive}: member {member.name!r} refused ({type(err).__name__}: {err}); "
-                                     f"nothing was extracted") from err
+            raise _refused(archive, err) from err
+
+
+def _refused(archive: Path, err: tarfile.FilterError) -> UnsafeArchiveError:
+    return UnsafeArchiveError(f"{archive}: member {err.tarinfo.name!r} refused ({type(err).__name__}: {err}); "
+                              f"nothing was extracted")
 
 
 def _check_zip(archive: Path, zf: zipfile.ZipFile) -> None:
@@ -75,7 +81,10 @@ def extract_archive(archive: Path, target: Path) -> list[str]:
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tar:
                 _check_tar(archive, tar, staging)
-                tar.extractall(staging, filter="data")
+                try:
+                    tar.extractall(staging, filter="data")
+                except tarfile.FilterError as err:
+                    raise _refused(archive, err) from err
         elif archive.suffix == ".gz":  # one gzipped file (SNLI-VE's jsonl.gz): its name without .gz
             with gzip.open(archive) as src, open(staging / archive.stem, "wb") as dst:
                 shutil.copyfileobj(src, dst)

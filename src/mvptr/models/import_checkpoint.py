@@ -342,6 +342,7 @@ def save_weights(model: VLModel, path: Path | str) -> None:
     """`path` as a pre-training stage writes its model.safetensors (`safetensors.torch.save_model`: tied tensors
     once, the dropped names in the metadata), atomically: staged beside it, then renamed over it (as
     mvptr.atomic does; save_model writes a file, not bytes)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_model
 
     path = Path(path)
@@ -354,6 +355,10 @@ def save_weights(model: VLModel, path: Path | str) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        # safetensors reports a failed write (disk full) as "I/O error: ... (os error 28)", naming no file
+        code = re.search(r"\(os error (\d+)\)", str(err)) if isinstance(err, SafetensorError) else None
+        if code:
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
         raise
