@@ -69,11 +69,19 @@ def read_yaml(path: Path) -> Any:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError as err:
         raise ConfigError(f"config file not found: {path}") from err
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"malformed YAML in {path}: {err}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text: byte {err.start}: {err.reason}") from err
+    data = parse_yaml(text, f"malformed YAML in {path}")
     return {} if data is None else data
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text -> data. Text PyYAML cannot read - a syntax error, a tag its value does not fit (`!!int x`,
+    `!!timestamp x`), nesting too deep for Python - is a ConfigError starting with `where`."""
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError, RecursionError) as err:
+        raise ConfigError(f"{where}: {err}") from err
 
 
 def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -106,10 +114,7 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.hidden_size=64)")
-        try:
-            value = yaml.safe_load(text) if text else None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {key!r}: value {text!r} is not valid YAML: {err}") from err
+        value = parse_yaml(text, f"override {key!r}: value {text!r} is not valid YAML") if text else None
         parts = key.split(".")
         node = nested
         for depth, part in enumerate(parts[:-1]):
@@ -147,16 +152,18 @@ def overrides_from(config: Mapping[str, Any], base: Mapping[str, Any]) -> list[s
     return out
 
 
-def _layer(path: Path, what: str, name: Any) -> dict[str, Any]:
+def _layer(folder: Path, what: str, name: Any) -> dict[str, Any]:
     """A layer file. A dataset file may also hold a `source:` entry (what to download, mvptr.data.catalog):
-    that is no config and is left out; a file with only a source is no dataset."""
-    if not path.is_file():
-        choices = sorted(p.stem for p in path.parent.glob("*.yaml"))
+    that is no config and is left out; a file with only a source is no dataset. A name that is not one of
+    the folder's files (a number, a path, a name too long for the file system) is a ConfigError."""
+    choices = sorted(p.stem for p in folder.glob("*.yaml"))
+    if name not in choices:
         raise ConfigError(f"config key {what!r}: no layer named {name!r}; allowed values: {', '.join(choices)}")
+    path = folder / f"{name}.yaml"
     layer = read_yaml(path)
     if what == "dataset.name":
         if "dataset" not in layer:
-            choices = sorted(p.stem for p in path.parent.glob("*.yaml") if "dataset" in read_yaml(p))
+            choices = sorted(p.stem for p in folder.glob("*.yaml") if "dataset" in read_yaml(p))
             raise ConfigError(f"config key 'dataset.name': {path} is a download source only, not a dataset (a "
                               f"corpus names it under dataset.corpus); datasets: {', '.join(choices)}")
         layer = {key: value for key, value in layer.items() if key != "source"}
@@ -171,11 +178,15 @@ def compose(base: Mapping[str, Any], overrides: Sequence[str] = (), root: Path |
     selected = merge(base, cli)
     ablations = read_yaml(configs / "ablations.yaml")
     ablation = selected.get("ablation")
-    if ablation not in ablations:
+    if not isinstance(ablation, str) or ablation not in ablations:
         raise ConfigError(f"config key 'ablation': {ablation!r} is not defined in configs/ablations.yaml; "
                           f"allowed values: {', '.join(sorted(ablations))}")
     entry = ablations[ablation] or {}
     owner = entry.get("method", {}).get("name")
+    for section in ("dataset", "model", "method"):
+        if not isinstance(selected.get(section, {}), Mapping):
+            raise ConfigError(f"config key {section!r}: {selected[section]!r} is not allowed; allowed: a mapping "
+                              f"with a 'name' (e.g. {section}.name=...)")
     if owner is not None:
         asked = cli.get("method", {}).get("name", owner)
         if asked != owner:
@@ -185,7 +196,7 @@ def compose(base: Mapping[str, Any], overrides: Sequence[str] = (), root: Path |
     layers = [base]
     for section in ("dataset", "model", "method"):
         name = selected.get(section, {}).get("name")
-        layers.append(_layer(configs / f"{section}s" / f"{name}.yaml", f"{section}.name", name))
+        layers.append(_layer(configs / f"{section}s", f"{section}.name", name))
     layers += [entry, cli]
     cfg: dict[str, Any] = {}
     for layer in layers:
@@ -212,7 +223,11 @@ def workflow_runs(cfg: Mapping[str, Any], root: Path | None = None) -> list[tupl
 def load_config(overrides: Sequence[str] = (), base: Path | None = None, root: Path | None = None) -> dict[str, Any]:
     """Read the base file (default `configs/default.yaml`), apply layers and overrides, validate."""
     root = root or project_root()
-    return compose(read_yaml(base or root / "configs" / "default.yaml"), overrides, root)
+    path = base or root / "configs" / "default.yaml"
+    cfg = read_yaml(path)
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"config file {path}: holds a {type(cfg).__name__}; allowed: a mapping of config keys")
+    return compose(cfg, overrides, root)
 
 
 def _allowed(schema: Mapping[str, Any]) -> str:
@@ -237,10 +252,11 @@ def _message(error: jsonschema.ValidationError) -> str:
     path = ".".join(str(p) for p in error.absolute_path)
     if error.validator == "additionalProperties":
         known = sorted(error.schema.get("properties", {}))
-        extra = sorted(set(error.instance) - set(known))
+        extra = sorted(set(error.instance) - set(known), key=str)  # YAML keys may be numbers, null, ...
         where = f"under {path!r}" if path else "at the top level"
-        keys = ", ".join(f"{path}.{k}" if path else k for k in extra)
-        return f"unknown config key {keys}; allowed keys {where}: {', '.join(known)}"
+        keys = ", ".join(f"{path}.{k}" if path else str(k) for k in extra)
+        hint = error.schema.get("x-unknown-key-hint")
+        return f"unknown config key {keys}; allowed keys {where}: {', '.join(known)}" + (f"; {hint}" if hint else "")
     if error.validator == "required":
         missing = error.message.split("'")[1]
         full = f"{path}.{missing}" if path else missing
@@ -251,7 +267,8 @@ def _message(error: jsonschema.ValidationError) -> str:
 def with_objectives(schema: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The schema with the options schema of every objective the config names under `pretrain.objectives`
     (each declared by its module, `mvptr.objectives.options_schema`); an unknown objective is a ConfigError."""
-    names = cfg.get("pretrain", {}).get("objectives")
+    pretrain = cfg.get("pretrain", {})
+    names = pretrain.get("objectives") if isinstance(pretrain, Mapping) else None  # else validate names it
     schema = copy.deepcopy(dict(schema))
     if not isinstance(names, Mapping):
         return schema
