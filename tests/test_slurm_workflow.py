@@ -141,3 +141,49 @@ def test_a_requeued_trainer_resumes_at_the_step_it_was_signalled(slurm: None, ar
     assert json.loads((job / "job.json").read_text())["job_id"] == job_id  # requeued, not resubmitted
     scripts = list(job.rglob("*submission.sh"))
     assert scripts and "#SBATCH --comment=mvptr-requeue-test" in scripts[0].read_text()
+
+
+def test_an_scontrol_requeue_of_a_running_trainer_resumes_in_one_mlflow_run(slurm: None, artifacts, tmp_path: Path):
+    """An administrator's `scontrol requeue` (no warning signal: SLURM stops the job and queues it again under
+    the same id): the requeued trainer resumes from its last periodic checkpoint, the launcher waits for it
+    instead of submitting another job, and the stage stays one MLflow run holding every step's loss."""
+    from mlflow import MlflowClient
+
+    ckpt, job, out = tmp_path / "ckpt", tmp_path / "job", tmp_path / "out"
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [str(Path(os.sys.executable)), "-m", "mvptr.cli", "pretrain", "stage", "--stage", "1",
+           *(f"--{k}={artifacts[k]}" for k in ("dataset", "concepts", "vocab", "regions")), f"--ckpt-dir={ckpt}",
+           f"--job-dir={job}", f"--out={out}", "model.hidden_size=32", "model.num_text_layers=1",
+           "model.num_visual_layers=1", "model.num_cross_layers=1", "model.num_attention_heads=2",
+           "model.intermediate_size=64", "pretrain.stage1.batch_size=8", "pretrain.stage1.steps=200",
+           "pretrain.log_every=1", "pretrain.checkpoint_every=20", "launch.cluster=slurm",
+           "launch.gpus_per_node=1", "launch.cpus_per_task=1", "launch.timeout_min=10"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": store})
+    lines, job_id = [], None
+    for line in proc.stdout:
+        lines.append(line)
+        if "stage 1 step 30/" in line:
+            job_id = json.loads((job / "job.json").read_text())["job_id"]
+            subprocess.run(["scontrol", "requeue", job_id], check=True)
+            break
+    # A requeued job may start again only after a delay (2 minutes); an administrator would release it now.
+    for _ in range(600):
+        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
+        if state.strip() == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+            break
+        subprocess.run(["sleep", "0.2"])
+    rest, _ = proc.communicate(timeout=600)
+    output = "".join(lines) + rest
+    assert proc.returncode == 0 and job_id, output[-3000:]
+    resumed = [int(m) for m in re.findall(r"stage 1: resumed at step (\d+)", output)]
+    assert len(resumed) == 1 and resumed[0] % 20 == 0 and 20 <= resumed[0] <= 30, output[-3000:]
+    record = json.loads((job / "job.json").read_text())
+    assert record["job_id"] == job_id and record["submissions"] == 1, record  # requeued, not resubmitted
+    client = MlflowClient(store)
+    runs = [run for exp in client.search_experiments() for run in client.search_runs([exp.experiment_id])
+            if run.info.run_name.endswith("pretrain_stage1/pretrain")]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", [(r.info.run_name, r.info.status) for r in runs]
+    losses = {m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")}
+    assert losses == set(range(1, 201)), sorted(set(range(1, 201)) - losses)[:10]

@@ -262,6 +262,20 @@ def test_two_gloo_ranks_give_the_gradients_of_one_process_with_the_global_batch(
         torch.testing.assert_close(ddp[name], one[name], rtol=0, atol=16 * floor, msg=name)
 
 
+def test_a_run_resumed_between_two_logs_logs_the_history_of_a_straight_run(artifacts, stage1, tmp_path):
+    """The loss logged every 4 steps is the mean since the last log: a run stopped at the checkpoint of step 5
+    resumes with steps 5's share of that mean (saved in the checkpoint), so its step-8 loss is the straight
+    run's, not the mean of steps 6-8 only (found by the kill chain of tests/test_faults_kill.py)."""
+    cfg = load_config([*SMALL, "pretrain.log_every=4", "pretrain.checkpoint_every=5", "pretrain.stage2.steps=8"])
+    straight = train_stage(cfg, 2, paths(artifacts, tmp_path / "straight", stage1), log=quiet)
+    assert not train_stage(cfg, 2, paths(artifacts, tmp_path / "split", stage1), log=quiet, stop_after=5)["completed"]
+    resumed = train_stage(cfg, 2, paths(artifacts, tmp_path / "split", stage1), log=quiet)
+    def losses(result):
+        return [(h["step"], h["loss"]) for h in result["history"]]
+
+    assert losses(resumed) == losses(straight) and [s for s, _ in losses(straight)] == [4, 8]
+
+
 def test_stage_objectives_follow_the_modules_the_schedule_and_the_weights():
     cfg = load_config()
     assert stage_objectives(cfg, 1) == ["mcr"] and stage_objectives(cfg, 2) == ["vsc", "itm", "mlm", "wpg"]
