@@ -19,7 +19,6 @@ Run: `.venv/bin/pytest tests/test_faults_kill.py` (about 10 minutes on 2 cores; 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal

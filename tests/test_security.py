@@ -150,12 +150,18 @@ RULE_FORBIDDEN = re.compile(r"^(torch\.load|pickle|_pickle|cloudpickle|dill|mars
                             r"|shell=True|eval|exec)\b")
 
 
-def test_every_torch_load_passes_weights_only_and_no_pickle_reader_runs_outside_the_restricted_one():
+def scan_files(scanner, paths) -> tuple[list[str], int]:
+    """Every problem `scanner` finds in `paths` (files of the checkout), and how many places it looked at."""
     found, seen = [], 0
-    for path in python_files(*PYTHON_DIRS):
-        problems, count = scan_loads(path.read_text(), path.relative_to(ROOT).as_posix())
+    for path in paths:
+        problems, count = scanner(path.read_text(), path.relative_to(ROOT).as_posix())
         found += problems
         seen += count
+    return found, seen
+
+
+def test_every_torch_load_passes_weights_only_and_no_pickle_reader_runs_outside_the_restricted_one():
+    found, seen = scan_files(scan_loads, python_files(*PYTHON_DIRS))
     for path in RULE_FILES:
         found += [f"{path.name}:{line}: {word}" for line, word in _rule_words(path) if RULE_FORBIDDEN.match(word)]
     assert not found, "\n".join(found)
@@ -370,13 +376,9 @@ def scan_hosts(source: str, filename: str) -> tuple[list[str], int]:
 
 
 def test_every_server_the_project_or_its_tests_start_listens_on_loopback_only():
-    found, seen = [], 0
-    for path in python_files("src", "tests", "benchmarks"):
-        if path == Path(__file__).resolve():
-            continue  # this file's snippets are the scanner's bad examples
-        problems, count = scan_hosts(path.read_text(), path.relative_to(ROOT).as_posix())
-        found += problems
-        seen += count
+    # this file's snippets are the scanner's bad examples
+    found, seen = scan_files(scan_hosts, [p for p in python_files("src", "tests", "benchmarks")
+                                          if p != Path(__file__).resolve()])
     assert not found, "\n".join(found)
     # tests/mlflow_server.py (its port probe and `mlflow server --host`), tests/loopback_http.py, the
     # torch.distributed port probe of tests/test_train.py: a scan that finds fewer is not looking.

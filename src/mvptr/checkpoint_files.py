@@ -65,7 +65,11 @@ def _torch_load(path: Path) -> Any:
 
 
 def _one_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+    """The line of `err` that names what was refused (torch's weights_only error puts it under advice)."""
+    lines = [line.split("WeightsUnpickler error:")[-1].split(" Please ")[0].strip() for line in str(err).splitlines()]
+    lines = [line for line in lines if line]
+    named = [line for line in lines if line.startswith(("Trying to load", "Unsupported"))]
+    return (named or lines or [type(err).__name__])[0]
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:

@@ -3,8 +3,8 @@
 For developers (users read `mvptr --help`, whose command list is built from the registered subcommands' help):
 each step's subcommands live beside its code (a `commands.py` with `register(groups)`), listed in
 COMMAND_MODULES; a group's subcommands hang off its own subparsers. Subcommands that take `key=value`
-overrides also take `--root DIR` and `--base FILE`. Bad input (config, data, a path the user named) exits with
-status 2 and one line `mvptr: error: ...` naming the key, file or id; any other exception is a bug and keeps
+overrides also take `--root DIR` and `--base FILE`. Bad input (config, data, a path the user named) and a full
+disk exit with status 2 and one line `mvptr: error: ...` naming the key, file or id; any other exception is a bug and keeps
 its traceback.
 
 Run: `mvptr --help`, `mvptr --version`, `mvptr config show [key=value ...]`.
@@ -13,6 +13,7 @@ Run: `mvptr --help`, `mvptr --version`, `mvptr config show [key=value ...]`.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.metadata
 import sys
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USER_PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -76,8 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"mvptr: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
-        # a path the user named that cannot be read or written (other OSErrors, and other exceptions, are bugs)
+    except OSError as err:
+        # a path the user named that cannot be read or written, or a full disk (other OSErrors, and other
+        # exceptions, are bugs)
+        if not isinstance(err, USER_PATH_ERRORS) and err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
         where = f"{err.filename}: " if err.filename else ""
         print(f"mvptr: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2

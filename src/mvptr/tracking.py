@@ -18,7 +18,8 @@ stage one (one job for every ablation of a method) is reachable from each ablati
 run and the ablation's parent carry `mvptr.stage1_run_id`, and the stage-one run `mvptr.used_by.<ablation>`
 (`link_stage1`). `start_system_metrics(run_id)` runs MLflow's system-metrics monitor (CPU, memory, disk, network,
 GPU) every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 5). Artifacts are logged after the rule's
-outputs are written, and a store that is down then only warns (`log_files`).
+outputs are written, and a store that is down then only warns (`log_files`); the pre-training loop keeps the
+steps it logs while the store is down and sends them when it is back (`mvptr.train.tracker`).
 
 Store: $MLFLOW_TRACKING_URI when set (a tracking server on a cluster), else a SQLite file
 `results/mlflow.db` in the working directory, beside the other results (MLflow refuses a plain file store).
@@ -349,11 +350,11 @@ def open_run(cfg: Mapping[str, Any], *, stage: str, task: str, run_id: str | Non
     return opened
 
 
-def log_metrics(run_id: str, metrics: Mapping[str, float], step: int) -> None:
-    """Log every metric at `step`, in as few requests as MLflow allows."""
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int, timestamp_ms: int | None = None) -> None:
+    """Log every metric at `step` (at `timestamp_ms`, default now), in as few requests as MLflow allows."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
+    now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
     items = [Metric(k, float(v), now, int(step)) for k, v in sorted(metrics.items())]
     mc = client()
     for start in range(0, len(items), MAX_METRICS_PER_BATCH):

@@ -38,6 +38,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from mvptr.errors import DataError
 from mvptr.regions.boxes import NUM_BOX_VALUES
 
 FORMAT = "mvptr-region-store"
@@ -61,17 +62,26 @@ class Regions:
 
 
 def _checked(image_id: int, regions: Regions, feature_dim: int, vocab_size: int) -> Regions:
-    """The regions in store dtypes; a shape or tag that does not fit names the image."""
-    features = np.asarray(regions.features, dtype=np.float16)
+    """The regions in store dtypes; a shape, a non-finite value or a tag that does not fit names the image."""
+    with np.errstate(over="ignore", invalid="ignore"):  # a value beyond float16's range: named below, no warning
+        features = np.asarray(regions.features, dtype=np.float16)
     boxes = np.asarray(regions.boxes, dtype=np.float32)
     tags = np.asarray(regions.tags, dtype=np.int32)
     n = len(tags)
     if features.shape != (n, feature_dim) or boxes.shape != (n, NUM_BOX_VALUES) or tags.ndim != 1:
         raise ValueError(f"image {image_id}: regions have features {features.shape}, boxes {boxes.shape}, "
                          f"tags {tags.shape}; expected ({n}, {feature_dim}), ({n}, {NUM_BOX_VALUES}), ({n},)")
+    if not (np.isfinite(features).all() and np.isfinite(boxes).all()):  # a float16 beyond +-65504 is infinite
+        raise ValueError(f"image {image_id}: regions hold NaN or infinity (or features beyond float16's range)")
     if n and (tags.min() < 0 or tags.max() >= vocab_size):
         raise ValueError(f"image {image_id}: tag ids must be in [0, {vocab_size}), got {tags.min()}..{tags.max()}")
     return Regions(features, boxes, tags)
+
+
+def _naming(path: Path, err: OSError) -> OSError:
+    """HDF5's error on a failed write (errno set, several lines naming the temporary file) as the OS error alone,
+    naming the store: `[Errno 28] No space left on device: 'train.h5'`."""
+    return OSError(err.errno, os.strerror(err.errno), str(path))
 
 
 class RegionStoreWriter:
@@ -90,7 +100,9 @@ class RegionStoreWriter:
         os.close(fd)
         self._tmp = Path(tmp)
         try:
-            self._file = h5py.File(self._tmp, "w")
+            # No chunk cache: a write that fails (disk full) raises at that write; cached, it would fail inside
+            # HDF5's close, which then crashes the process.
+            self._file = h5py.File(self._tmp, "w", rdcc_nbytes=0)
             self._file.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION,
                                      "feature_dim": feature_dim, **(attrs or {})})
             self._create_row_datasets()
@@ -129,10 +141,15 @@ class RegionStoreWriter:
     def _flush(self) -> None:
         if self._pending_rows:
             start, stop = self._rows_written, self._rows_written + self._pending_rows
-            for name in ("features", "boxes", "tags"):
-                dataset = self._file[name]
-                dataset.resize(stop, axis=0)
-                dataset[start:stop] = np.concatenate([getattr(r, name) for r in self._pending])
+            try:
+                for name in ("features", "boxes", "tags"):
+                    dataset = self._file[name]
+                    dataset.resize(stop, axis=0)
+                    dataset[start:stop] = np.concatenate([getattr(r, name) for r in self._pending])
+            except OSError as err:
+                if not err.errno:
+                    raise
+                raise _naming(self.path, err) from err
             self._rows_written = stop
         self._pending.clear()
         self._pending_rows = 0
@@ -156,6 +173,11 @@ class RegionStoreWriter:
                 os.fsync(handle.fileno())
             os.chmod(self._tmp, 0o644)  # mkstemp makes it private; a store is shared like any output
             os.replace(self._tmp, self.path)
+        except OSError as err:
+            self.abort()
+            if not err.errno:
+                raise
+            raise _naming(self.path, err) from err
         except BaseException:
             self.abort()
             raise
@@ -201,12 +223,12 @@ class RegionStore:
                 handle = h5py.File(self.path, "r")
             except FileNotFoundError:
                 raise FileNotFoundError(f"region store not found: {self.path}") from None
-            except OSError as err:
-                raise OSError(f"cannot open region store {self.path}: {err}") from err
+            except OSError as err:  # not HDF5, truncated: bad input, named (DataError)
+                raise DataError(f"cannot open region store {self.path}: {err}") from err
             found = handle.attrs.get("format")
             if found != FORMAT:
                 handle.close()
-                raise ValueError(f"{self.path} is not a region store (attribute format={found!r}, expected {FORMAT!r})")
+                raise DataError(f"{self.path} is not a region store (attribute format={found!r}, expected {FORMAT!r})")
             self._file, self._pid = handle, os.getpid()
             self._rows = (handle["features"], handle["boxes"], handle["tags"])
         return self._rows

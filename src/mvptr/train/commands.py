@@ -46,7 +46,7 @@ def _fit_batch_to_data(cfg: dict, args: argparse.Namespace, ranks: int) -> None:
 
 def _mark_failed(ckpt_dir: Path) -> None:
     """The job is given up on: its run (if it got one) is FAILED, not left RUNNING."""
-    from mvptr.train.loop import RUN_FILE
+    from mvptr.train.tracker import RUN_FILE
 
     run_file = ckpt_dir / RUN_FILE
     if not run_file.is_file():

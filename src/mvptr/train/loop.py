@@ -12,6 +12,7 @@ steps and, with an ETA, to the job's log.
 Outputs in the checkpoint directory (the calling command copies them to the rule's outputs on success):
     state.pt            resumable training state (`mvptr.train.checkpoint`)
     run.json            the MLflow run id, kept from the first start so that a resumed job reuses its run
+    mlflow-pending.jsonl  steps logged while the MLflow store was unreachable, until sent (mvptr.train.tracker)
     final.safetensors   the stage's weights, written (atomically) once the last step is done
 
 Use (inside a submitit job, or directly on CPU):
@@ -21,7 +22,6 @@ Use (inside a submitit job, or directly on CPU):
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
@@ -34,28 +34,29 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from mvptr.artifacts import Artifacts
-from mvptr.atomic import atomic_write_json
 from mvptr.data.order import batch_indices
 from mvptr.models import build_model
 from mvptr.models.base import VLModel
+from mvptr.models.import_checkpoint import save_weights
 from mvptr.objectives import uses_questions
 from mvptr.objectives.step import PretrainStep, momentum_options
 from mvptr.pairs import PairDataset, PairInputs, collate
 from mvptr.questions import QuestionBank
 from mvptr.regions.store import RegionStore
+from mvptr.seeds import derive_seed
 from mvptr.train.checkpoint import load_state, save_state
 from mvptr.train.distributed import Env, setup_distributed, teardown_distributed
 from mvptr.train.optim import build_optimizer
 from mvptr.train.stages import stage_objectives
+from mvptr.train.tracker import StageRun
 
 Log = Callable[[str], None]
 FINAL_WEIGHTS = "final.safetensors"
-RUN_FILE = "run.json"
 
 
 @dataclass(frozen=True)
@@ -109,42 +110,6 @@ def _gather(obj: Any, env: Env) -> list[Any]:
 def _mean_logs(history: list[dict[str, float]]) -> dict[str, float]:
     keys = sorted({k for h in history for k in h})
     return {k: sum(h[k] for h in history if k in h) / sum(k in h for h in history) for k in keys}
-
-
-class _Tracker:
-    """Rank 0's MLflow run: created on the first start (its id kept in run.json), reused on every resume, with
-    MLflow's system-metrics monitor on it while the job trains."""
-
-    def __init__(self, cfg: Mapping[str, Any], stage: int, ckpt_dir: Path, env: Env, log: Log) -> None:
-        self.run_id: str | None = None
-        if not env.is_main:
-            return
-        from mvptr import tracking
-
-        self._tracking = tracking
-        run_file = ckpt_dir / RUN_FILE
-        previous = json.loads(run_file.read_text())["mlflow_run_id"] if run_file.is_file() else None
-        # A requeued job may run elsewhere (launch.*) or log at another cadence: warn, do not stop, when a
-        # param differs from what the run logged first (MLflow params are write-once).
-        try:
-            self.run_id = tracking.open_run(cfg, stage=f"pretrain_stage{stage}", task="pretrain", run_id=previous,
-                                            on_param_conflict="warn")
-        except tracking.ResumeConflict as err:  # the run is another study's (an older checkpoint): a new run
-            log(f"not resuming MLflow run {previous}: {err}; starting a new run")
-            self.run_id = tracking.open_run(cfg, stage=f"pretrain_stage{stage}", task="pretrain")
-        atomic_write_json(run_file, {"mlflow_run_id": self.run_id})
-        # MLflow's system metrics while the job runs; a crashed job's daemon thread dies with it, and
-        # `mvptr pretrain stage` then marks the run FAILED.
-        self._monitor = tracking.start_system_metrics(self.run_id)
-
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
-        if self.run_id:
-            self._tracking.log_metrics(self.run_id, metrics, step)
-
-    def close(self, status: str = "FINISHED") -> None:
-        if self.run_id:
-            self._monitor.finish()
-            self._tracking.close_run(self.run_id, status)
 
 
 class _PreemptionSignal:
@@ -225,9 +190,7 @@ def train_stage(cfg: Mapping[str, Any], stage: int, paths: StagePaths, *, log: L
         result.update(_train(cfg, stage, model, objectives, pairs, env, ckpt_dir, log, stop_after))
     result["seconds"] = round(time.monotonic() - started, 1)
     if env.is_main and result.get("completed", total_steps == 0):
-        tmp = ckpt_dir / (FINAL_WEIGHTS + ".tmp")
-        save_model(model, str(tmp))
-        tmp.replace(ckpt_dir / FINAL_WEIGHTS)
+        save_weights(model, ckpt_dir / FINAL_WEIGHTS)
     teardown_distributed()
     return result
 
@@ -244,15 +207,15 @@ def _train(cfg: Mapping[str, Any], stage: int, model: VLModel, objectives: list[
            ckpt_dir: Path, log: Log, stop_after: int | None) -> dict[str, Any]:
     pcfg, scfg = cfg["pretrain"], cfg["pretrain"][f"stage{stage}"]
     # Dropout draws from the global generator, the objectives' masking and sampling from their own: both are
-    # seeded per (seed, stage, rank) here and restored from the checkpoint on resume.
-    seed = cfg["seed"] * 1000 + 17 * stage + env.rank
+    # seeded per (seed, stage, rank) here (mvptr.seeds) and restored from the checkpoint on resume.
+    seed = derive_seed(cfg["seed"], "pretrain", f"stage{stage}", "rank", env.rank)
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(derive_seed(seed, "objectives"))
     step = PretrainStep(model, objectives, pcfg["objectives"], generator, **momentum_options(cfg))
     step_module = distribute(step, env)
     optimizer, scheduler = build_optimizer(model, scfg)
     state = load_state(ckpt_dir, 0)
-    start, history = 0, []
+    start, history, window = 0, [], []
     if state is not None:
         step.load_state_dict(state["step_module"])
         optimizer.load_state_dict(state["optimizer"])
@@ -260,10 +223,12 @@ def _train(cfg: Mapping[str, Any], stage: int, model: VLModel, objectives: list[
         start, history = state["step"], state["history"]
         if len(state["rng"]) == env.world_size:
             _set_rng_state(state["rng"][env.rank], generator)
+            # the steps since the last log: the next logged mean covers them, as in a straight run
+            window = list(state.get("windows", [[]] * env.world_size)[env.rank])
         else:
             log(f"resuming on {env.world_size} ranks a run saved on {len(state['rng'])}: fresh random states")
         log(f"stage {stage}: resumed at step {start} from {ckpt_dir}")
-    tracker = _Tracker(cfg, stage, ckpt_dir, env, log)
+    tracker = StageRun(cfg, stage, ckpt_dir, env, log)
     steps, accum = scfg["steps"], pcfg["grad_accum"]
     end = steps if stop_after is None else min(steps, start + stop_after)
     micro = scfg["batch_size"] // env.world_size // accum
@@ -275,9 +240,8 @@ def _train(cfg: Mapping[str, Any], stage: int, model: VLModel, objectives: list[
                         num_workers=pcfg["num_workers"],
                         # Its own generator: a loader draws its workers' base seed when iterated, and a draw from
                         # the global generator would shift every later dropout mask of a resumed run.
-                        generator=torch.Generator().manual_seed(seed))
+                        generator=torch.Generator().manual_seed(derive_seed(seed, "loader")))
     batches = iter(loader)
-    window: list[dict[str, float]] = []
     tick, tick_step = time.monotonic(), start
     use_bf16 = env.device.type == "cuda"
     preemption = _PreemptionSignal()
@@ -310,11 +274,11 @@ def _train(cfg: Mapping[str, Any], stage: int, model: VLModel, objectives: list[
             window, tick, tick_step = [], now, done
         signalled = preemption.requested(env)
         if done % pcfg["checkpoint_every"] == 0 or done == end or signalled:
-            rng = _gather(_rng_state(generator), env)
+            rng, windows = _gather(_rng_state(generator), env), _gather(window, env)
             if env.is_main:
                 save_state(ckpt_dir, 0, {"step_module": step.state_dict(), "optimizer": optimizer.state_dict(),
                                          "scheduler": scheduler.state_dict(), "step": done, "history": history,
-                                         "rng": rng, "mlflow_run_id": tracker.run_id or ""})
+                                         "rng": rng, "windows": windows, "mlflow_run_id": tracker.run_id or ""})
             if env.world_size > 1:
                 dist.barrier()
         if signalled:
