@@ -401,8 +401,9 @@ def test_a_preemption_signal_checkpoints_at_that_step_and_the_requeued_job_resum
     assert json.loads((out / "metrics.json").read_text())["history"][-1]["step"] == 400
 
 
-# What a different x86-64 CPU changes: torch's ATen kernels (AVX512 here, AVX2 on an older CPU) and oneDNN's.
-OTHER_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# What a different x86-64 CPU changes: torch's ATen kernels and oneDNN's, emulated one level below this CPU's.
+OTHER_CPU = {"AVX512": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+             "AVX2": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}}
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
@@ -410,10 +411,11 @@ def test_the_deterministic_switch_gives_the_same_weights_on_another_cpus_kernels
     """With launch.deterministic the job pins its kernels, so a run started where torch would pick other kernels
     (emulated: the environment an AVX2 CPU gives) writes the same weights bit for bit; without it they differ,
     which is what the switch is for (and what makes this test able to fail)."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        pytest.skip(f"needs an x86-64 CPU with AVX2 (torch runs {torch.backends.cpu.get_cpu_capability()} kernels)")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in OTHER_CPU:
+        pytest.skip(f"needs an x86-64 CPU with AVX2 or AVX512 (torch runs its {capability} kernels here)")
     weights = []
-    for name, extra in [("here", {}), ("other", OTHER_CPU)]:
+    for name, extra in [("here", {}), ("other", OTHER_CPU[capability])]:
         out = tmp_path / name
         env = {**os.environ, **extra}
         proc = subprocess.run([sys.executable, "-m", "mvptr.cli", "pretrain", "stage", "--stage", "1",
