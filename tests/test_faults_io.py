@@ -13,6 +13,7 @@ import errno
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -172,6 +173,23 @@ def _fill(folder: Path, leave: int) -> Path:
     filler = folder / "filler"
     filler.write_bytes(bytes(stat.f_bavail * stat.f_frsize - leave))
     return filler
+
+
+def test_a_stage_run_by_the_cli_with_the_store_down_to_the_end_keeps_its_steps_beside_the_outputs(artifacts,
+                                                                                                  tmp_path):
+    """`mvptr pretrain stage` removes the finished stage's checkpoint folder: the steps never sent move to the
+    output folder and a line says where, instead of going with the checkpoint."""
+    out = tmp_path / "out"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}  # nothing listens there
+    proc = subprocess.run([sys.executable, "-m", "mvptr.cli", "pretrain", "stage", "--stage", "1",
+                           *(f"--{k}={artifacts[k]}" for k in ("dataset", "concepts", "vocab", "regions")),
+                           f"--ckpt-dir={tmp_path / 'ckpt'}", f"--job-dir={tmp_path / 'job'}", f"--out={out}",
+                           *CFG, "launch.cluster=local"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (tmp_path / "ckpt").exists()
+    kept = out / PENDING_FILE
+    assert len(kept.read_text().splitlines()) == STEPS
+    assert f"{STEPS} logged step(s) are kept in {kept}" in proc.stdout
 
 
 def test_a_checkpoint_that_does_not_fit_fails_in_one_line_and_the_previous_one_resumes(artifacts, small_disk):

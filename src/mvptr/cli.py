@@ -4,8 +4,8 @@ For developers (users read `mvptr --help`, whose command list is built from the 
 each step's subcommands live beside its code (a `commands.py` with `register(groups)`), listed in
 COMMAND_MODULES; a group's subcommands hang off its own subparsers. Subcommands that take `key=value`
 overrides also take `--root DIR` and `--base FILE`. Bad input (config, data, a path the user named) and a full
-disk exit with status 2 and one line `mvptr: error: ...` naming the key, file or id; any other exception is a bug and keeps
-its traceback.
+disk exit with status 2 and one line `mvptr: error: ...` naming the key, file or id; any other exception is a
+bug and keeps its traceback.
 
 Run: `mvptr --help`, `mvptr --version`, `mvptr config show [key=value ...]`.
 """

@@ -92,6 +92,7 @@ def cmd_stage(args: argparse.Namespace) -> None:
     from mvptr.launch.launcher import LaunchSettings, launch
     from mvptr.train.curves import loss_curves_png
     from mvptr.train.loop import FINAL_WEIGHTS, StagePaths
+    from mvptr.train.tracker import PENDING_FILE
 
     cfg = config_from_args(args)
     paths = StagePaths(**artifact_paths(args), ckpt_dir=args.ckpt_dir.resolve(),
@@ -112,6 +113,14 @@ def cmd_stage(args: argparse.Namespace) -> None:
     tmp.replace(out / "model.safetensors")
     atomic_write_bytes(out / "loss_curves.png", loss_curves_png(result["history"], f"pretrain stage {args.stage}"))
     atomic_write_json(out / "metrics.json", result)
+    # Steps logged while the MLflow store was down, never sent: kept beside the outputs, not lost with the checkpoint
+    pending = paths.ckpt_dir / PENDING_FILE
+    if pending.is_file():
+        kept = out / PENDING_FILE
+        pending.replace(kept)
+        steps = len(kept.read_text().splitlines())
+        print(f"mvptr: the MLflow store was unreachable to the end: {steps} logged step(s) are kept in {kept} "
+              f"(and in metrics.json's history)", flush=True)
     # The outputs are the stage's record now. Its checkpoint goes, so that a forced rerun of the rule trains
     # again instead of resuming a finished run (a job killed before this line still resumes from it).
     shutil.rmtree(paths.ckpt_dir)
