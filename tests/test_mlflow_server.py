@@ -129,7 +129,13 @@ def test_a_killed_job_leaves_its_run_failed(artifacts, mlflow_server, tmp_path):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
         time.sleep(0.5)
     run_id = json.loads((ckpt / "run.json").read_text())["mlflow_run_id"]
-    os.kill(int(json.loads((job / "job.json").read_text())["job_id"]), signal.SIGKILL)
+    from mvptr.launch.launcher import _children
+
+    # The local job id is submitit's controller; its task (the trainer) is its child: kill both, or the orphaned
+    # trainer would go on with its 100,000 steps for the rest of the suite.
+    controller = int(json.loads((job / "job.json").read_text())["job_id"])
+    for pid in [*_children(controller), controller]:
+        os.kill(pid, signal.SIGKILL)
     output = proc.communicate(timeout=60)[0]
     assert proc.returncode != 0, output
     from mvptr import tracking
