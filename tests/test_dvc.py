@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import ROOT
 from test_workflow import FAST
@@ -74,6 +75,9 @@ def jobs_run(output: str) -> set[str]:
     return {m.group(1) for m in re.finditer(r"^(\w+)\s+\d+$", table, re.M)} - {"total"}
 
 
+# Three workflow runs (repro, the stage-two edit, the experiment) and a clone: ~9 min alone, more beside the rest
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_repro_reruns_only_what_changed_round_trips_and_runs_experiments(tmp_path: Path):
     first = copy_tree(tmp_path / "first")
     remote = tmp_path / "remote"
