@@ -26,9 +26,8 @@ from mvptr.launch.determinism import PINNED_ENVIRONMENT
 
 def child(model: str, batch: int, steps: int, pinned: bool) -> None:
     """One side: the demo's stage-two step (the one `benchmarks/bench_step.py` times), median seconds on stdout."""
-    import time
-
     import torch
+    from bench_step import median_seconds  # this folder is on sys.path when the script runs
 
     from mvptr.config import load_config
     from mvptr.estimate.flops import Shape
@@ -43,15 +42,14 @@ def child(model: str, batch: int, steps: int, pinned: bool) -> None:
     pcfg = cfg["pretrain"]
     shape = Shape(batch, pcfg["max_words"], pcfg["max_concepts"], pcfg["max_tags"], 10)
     net, step, data = step_on_random_batch(cfg, stage_objectives(cfg, 2), shape, torch.device("cpu"))
-    times = []
-    for i in range(steps + 2):  # two warm-up steps
-        start = time.perf_counter()
+
+    def one_step() -> None:
         loss, _ = step(data)
         loss.backward()
         net.zero_grad(set_to_none=True)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    print(json.dumps({"step_s": statistics.median(times), "capability": torch.backends.cpu.get_cpu_capability()}))
+
+    seconds = median_seconds({"step": one_step}, steps, torch.device("cpu"))["step"]
+    print(json.dumps({"step_s": seconds, "capability": torch.backends.cpu.get_cpu_capability()}))
 
 
 def main() -> None:
