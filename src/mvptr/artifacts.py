@@ -4,6 +4,9 @@ Why one place: `mvptr pretrain stage` and `mvptr evaluate run` read the same fou
 data, concept and region rules) and a job folder; their flags, help and path resolution are written once here,
 in a module light enough for `mvptr --help` (no torch).
 
+The paths a pre-training stage (`StagePaths`) and a fine-tuning (`TaskPaths`) are handed live here too, so that
+the commands that submit them build them without importing the trainers (torch: seconds per workflow job).
+
 Use:
     add_artifact_arguments(parser)                 # --dataset --concepts --vocab --regions --job-dir
     paths = StagePaths(**artifact_paths(args), ckpt_dir=...)
@@ -30,6 +33,31 @@ class Artifacts:
     concepts: Path  # concepts.json
     vocab: Path  # concept_vocab.json
     regions: Path  # folder of {split}.h5
+
+
+# Where a job folder keeps the id of its MLflow run, so that a requeued job logs into the same run.
+RUN_FILE = "run.json"
+# Where a pre-training job keeps the steps it could not log while the MLflow store was down (mvptr.train.tracker).
+PENDING_FILE = "mlflow-pending.jsonl"
+# A stage's last weights in its checkpoint directory (mvptr.train.loop writes them, the stage command moves them).
+FINAL_WEIGHTS = "final.safetensors"
+
+
+@dataclass(frozen=True)
+class StagePaths(Artifacts):
+    """The artifacts a stage reads, and its checkpoint directory."""
+
+    ckpt_dir: Path
+    init_weights: Path | None = None  # stage two: the stage-one weights
+
+
+@dataclass(frozen=True)
+class TaskPaths(Artifacts):
+    """The artifacts a fine-tuning reads, and where to save the fine-tuned weights (None: not saved)."""
+
+    weights: Path  # the model to fine-tune (model.safetensors of a pre-training stage, or never trained)
+    save_to: Path | None = None
+    run_dir: Path | None = None  # MLflow: the run id is kept in run_dir/RUN_FILE; None: nothing is logged
 
 
 def add_artifact_arguments(parser: argparse.ArgumentParser) -> None:

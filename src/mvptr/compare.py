@@ -8,15 +8,18 @@ from the MLflow runs (`summary_table`, e.g. on the cluster's tracking server), M
 browse them. Both give the same columns: the runs' metric names are the JSON's keys joined by '/'.
 
 What is read from MLflow: the FINISHED child runs (those with `mlflow.parentRunId`) whose `stage` tag is one of `stages`;
-for each (method, ablation, task) the latest such run (by end time), and of it each metric's final value (the
+for each (method, ablation, seed, task) the latest such run (by end time), and of it each metric's final value (the
 value at the latest step, which is what MLflow keeps as a run's metric). Columns are `<task>/<metric>`; rows are
 (method, ablation) pairs (the `method` and `ablation` tags), methods in the order asked for (else
-alphabetical), within a method `full` first, then alphabetical.
+alphabetical), within a method `full` first, then alphabetical; a cell is the mean over the seeds (the `seed`
+tag) that have the metric.
 
-From files: each results/<dataset>/<method>/<ablation>/evaluate/<task>.json that `mvptr evaluate run` wrote.
+From files: each results/<dataset>/<method>/<ablation>/seed<k>/evaluate/<task>.json that `mvptr evaluate run` (or
+`mvptr evaluate grounding`) wrote; from these also the seed statistics (`mvptr.seed_stats`: mean +- std over
+seeds and the paired differences of each ablation from its method's full model, with 95% bootstrap intervals).
 
 Use:
-    mvptr compare --evaluations results/synthetic/*/*/evaluate/*.json [--runs ...] [--methods ...]
+    mvptr compare --evaluations results/synthetic-*/*/*/seed*/evaluate/*.json [--runs ...] [--methods ...]
     mvptr compare [--tracking-uri URI] [--experiment NAME] [--out-dir results/summary] [--stage evaluate ...]
                   [--runs mvptr/full simla/full ...] [--methods mvptr simla] [--ablations a b c]
     from mvptr.compare import summary_table; df = summary_table(client, "mvptr-synthetic", ["evaluate"])
@@ -31,7 +34,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mvptr.atomic import atomic_write_bytes, atomic_write_json
 from mvptr.errors import DataError
@@ -47,13 +50,16 @@ CSV_NAME = "ablations.csv"
 MD_NAME = "ablations.md"
 JSON_NAME = "ablations.json"
 HEADLINE_NAME = "headline.md"
-# One number per task for the headline table (what `make demo` prints): a short name and the metric, the first
-# of these present on the task's reported split (the last of EVAL_SPLITS: test, testB, test1); retrieval's
-# text-to-image R@1, re-ranked by ITM where that ran. The full table keeps every headline metric.
-HEADLINE = {"retrieval": ("retrieval IR@1", ["fine_tuned_itm/ir_r_at_1", "fine_tuned_vsc/ir_r_at_1",
-                                             "zero_shot/ir_r_at_1"]),
-            "vqa": ("VQA acc", ["overall"]), "ve": ("VE acc", ["accuracy"]), "rec": ("REC acc", ["accuracy"]),
-            "nlvr2": ("NLVR2 acc", ["accuracy"])}
+# The numbers of the headline table (what `make demo` prints) and of the seed statistics: a short name, the task
+# and the metric, the first of these present on the task's reported split (the last of EVAL_SPLITS: test, testB,
+# test1); retrieval's text-to-image R@1, re-ranked by ITM where that ran, and its ITM head's hard-negative
+# accuracy; grounding's accuracy per concept kind. The full table keeps every headline metric.
+HEADLINE = [("retrieval IR@1", "retrieval", ["fine_tuned_itm/ir_r_at_1", "fine_tuned_vsc/ir_r_at_1",
+                                              "zero_shot/ir_r_at_1"]),
+            ("ITM hard-neg acc", "retrieval", ["itm_hard_negative_accuracy"]),
+            ("VQA acc", "vqa", ["overall"]), ("VE acc", "ve", ["accuracy"]), ("REC acc", "rec", ["accuracy"]),
+            ("NLVR2 acc", "nlvr2", ["accuracy"]), ("ground obj", "grounding", ["object"]),
+            ("ground attr", "grounding", ["attribute"]), ("ground rel", "grounding", ["relation"])]
 
 
 class NoRunsError(DataError):
@@ -61,6 +67,7 @@ class NoRunsError(DataError):
 
 
 Row = tuple[str, str]  # (method, ablation)
+Key = tuple[str, str, int, str]  # (method, ablation, seed, task)
 
 
 def row_order(rows: Sequence[Row], methods: Sequence[str] | None = None) -> list[Row]:
@@ -79,13 +86,13 @@ def _quote(value: str) -> str:
 
 def latest_runs(client: MlflowClient, experiment: str, stages: Sequence[str], ablations: Sequence[str] | None = None,
                 methods: Sequence[str] | None = None,
-                runs: Sequence[Row] | None = None) -> dict[tuple[str, str, str], Run]:
-    """{(method, ablation, task): the latest FINISHED child run of one of `stages`}, only of the given
+                runs: Sequence[Row] | None = None) -> dict[Key, Run]:
+    """{(method, ablation, seed, task): the latest FINISHED child run of one of `stages`}, only of the given
     ablations, methods and (method, ablation) runs where those are given."""
     found = client.get_experiment_by_name(experiment)
     if found is None or found.lifecycle_stage != "active":
         raise NoRunsError(f"no MLflow experiment {experiment!r} in {client.tracking_uri}")
-    latest: dict[tuple[str, str, str], Run] = {}
+    latest: dict[Key, Run] = {}
     for stage in dict.fromkeys(stages):
         query = f"tags.stage = {_quote(stage)} and attributes.status = 'FINISHED'"
         for run in search_all_runs(client, [found.experiment_id], query):
@@ -96,7 +103,7 @@ def latest_runs(client: MlflowClient, experiment: str, stages: Sequence[str], ab
             if ((ablations is not None and ablation not in ablations) or (methods is not None and method not in methods)
                     or (runs is not None and (method, ablation) not in runs)):
                 continue
-            key = (method, ablation, tags["task"])
+            key = (method, ablation, int(tags.get("seed", 0)), tags["task"])
             order = (run.info.end_time or 0, run.info.start_time or 0, run.info.run_id)
             if key not in latest or order > (latest[key].info.end_time or 0, latest[key].info.start_time or 0,
                                              latest[key].info.run_id):
@@ -121,30 +128,42 @@ def summary_table(client: MlflowClient, experiment: str, stages: Sequence[str],
         raise NoRunsError(f"no FINISHED child runs with stage {' or '.join(map(repr, stages))}"
                           f"{_filters(methods, ablations, runs)} in MLflow experiment {experiment!r} at "
                           f"{client.tracking_uri}")
-    return build_table({key: run.data.metrics for key, run in found.items()}, metrics, methods, ablations, runs)
+    return build_table(seed_means({key: run.data.metrics for key, run in found.items()}), metrics, methods,
+                       ablations, runs)
 
 
-def evaluation_key(path: Path) -> tuple[str, str, str]:
-    """(method, ablation, task) of an evaluation JSON at <...>/<method>/<ablation>/evaluate/<task>.json, the
-    layout the workflow writes them in."""
+def seed_means(found: Mapping[Key, Mapping[str, float]]) -> dict[tuple[str, str, str], dict[str, float]]:
+    """{(method, ablation, seed, task): metrics} -> {(method, ablation, task): each metric's mean over the seeds
+    that have it}."""
+    values: dict[tuple[str, str, str], dict[str, list[float]]] = {}
+    for (method, ablation, _, task), metrics in found.items():
+        cell = values.setdefault((method, ablation, task), {})
+        for metric, value in metrics.items():
+            cell.setdefault(metric, []).append(float(value))
+    return {key: {metric: sum(v) / len(v) for metric, v in cell.items()} for key, cell in values.items()}
+
+
+SEED_FOLDER = re.compile(r"seed(0|[1-9][0-9]*)")
+
+
+def evaluation_key(path: Path) -> Key:
+    """(method, ablation, seed, task) of an evaluation JSON at <...>/<method>/<ablation>/seed<k>/evaluate/<task>.json,
+    the layout the workflow writes them in."""
     parts = path.parts
-    if len(parts) < 4 or parts[-2] != "evaluate" or path.suffix != ".json":
-        raise DataError(f"--evaluations {path}: not of the form <method>/<ablation>/evaluate/<task>.json")
-    return parts[-4], parts[-3], path.stem
+    seed = SEED_FOLDER.fullmatch(parts[-3]) if len(parts) >= 5 else None
+    if seed is None or parts[-2] != "evaluate" or path.suffix != ".json":
+        raise DataError(f"--evaluations {path}: not of the form <method>/<ablation>/seed<k>/evaluate/<task>.json")
+    return parts[-5], parts[-4], int(seed.group(1)), path.stem
 
 
-def evaluations_table(paths: Sequence[Path], ablations: Sequence[str] | None = None,
-                      metrics: Sequence[str] | None = None, methods: Sequence[str] | None = None,
-                      runs: Sequence[Row] | None = None) -> pd.DataFrame:
-    """The table of `summary_table`, read from the evaluation JSON files `mvptr evaluate run --out` writes
-    instead of MLflow: the same `<task>/<metric>` columns (`flat_metrics`, the names the runs log), so the
-    summary does not depend on the MLflow store. Raises DataError naming an unreadable file, NoRunsError when
-    the filters leave none."""
-    from mvptr.evaluate.finetune import flat_metrics  # torch: only the summary's own command pays for it
-
-    found: dict[tuple[str, str, str], Mapping[str, float]] = {}
+def read_evaluations(paths: Sequence[Path], ablations: Sequence[str] | None = None,
+                     methods: Sequence[str] | None = None,
+                     runs: Sequence[Row] | None = None) -> dict[Key, dict[str, Any]]:
+    """{(method, ablation, seed, task): the evaluation JSON} of the files the filters keep. Raises DataError
+    naming an unreadable file, NoRunsError when the filters leave none."""
+    found: dict[Key, dict[str, Any]] = {}
     for path in paths:
-        method, ablation, task = evaluation_key(Path(path))
+        method, ablation, seed, task = evaluation_key(Path(path))
         if ((ablations is not None and ablation not in ablations) or (methods is not None and method not in methods)
                 or (runs is not None and (method, ablation) not in runs)):
             continue
@@ -157,11 +176,23 @@ def evaluations_table(paths: Sequence[Path], ablations: Sequence[str] | None = N
         if not isinstance(result, dict) or result.get("task", task) != task:
             raise DataError(f"--evaluations {path}: not the evaluation of task {task!r} (its 'task' is "
                             f"{result.get('task') if isinstance(result, dict) else None!r})")
-        found[(method, ablation, task)] = flat_metrics(result)
+        found[(method, ablation, seed, task)] = result
     if not found:
         raise NoRunsError(f"no evaluation files{_filters(methods, ablations, runs)} among the "
                           f"{len(paths)} given with --evaluations")
-    return build_table(found, metrics, methods, ablations, runs)
+    return found
+
+
+def evaluations_table(found: Mapping[Key, Mapping[str, Any]], metrics: Sequence[str] | None = None,
+                      methods: Sequence[str] | None = None, ablations: Sequence[str] | None = None,
+                      runs: Sequence[Row] | None = None) -> pd.DataFrame:
+    """The table of `summary_table` from the evaluation JSON files (`read_evaluations`) instead of MLflow: the
+    same `<task>/<metric>` columns (`flat_metrics`, the names the runs log), means over the seeds, so the summary
+    does not depend on the MLflow store."""
+    from mvptr.headline import flat_metrics
+
+    return build_table(seed_means({key: flat_metrics(result) for key, result in found.items()}), metrics, methods,
+                       ablations, runs)
 
 
 def _filters(methods: Sequence[str] | None, ablations: Sequence[str] | None, runs: Sequence[Row] | None) -> str:
@@ -209,26 +240,33 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def headline_columns(table: pd.DataFrame) -> dict[str, str]:
-    """{short name: column} of `table`, one per task, in `HEADLINE`'s order (a task it does not name comes after,
-    with its first column)."""
+def headline_columns(columns: Sequence[str]) -> dict[str, str]:
+    """{short name: column} of the table's `columns` (those with a value), in `HEADLINE`'s order (a task it does
+    not name comes after, with its first column)."""
     from mvptr.data.task_files import EVAL_SPLITS
 
     picked: dict[str, str] = {}
-    tasks = dict.fromkeys(c.split("/", 1)[0] for c in table.columns)
-    for task in sorted(tasks, key=lambda t: list(HEADLINE).index(t) if t in HEADLINE else len(HEADLINE)):
-        name, metrics = HEADLINE.get(task, (task, []))
-        split = EVAL_SPLITS.get(task, ("",))[-1]
-        present = [c for c in (f"{task}/splits/{split}/{m}" for m in metrics)
-                   if c in table.columns and table[c].notna().any()]
-        picked[name] = present[0] if present else next(c for c in table.columns if c.split("/", 1)[0] == task)
+    tasks = dict.fromkeys(c.split("/", 1)[0] for c in columns)
+    for name, task, metrics in HEADLINE:
+        split = EVAL_SPLITS.get(task, ("test",))[-1]
+        present = [c for c in (f"{task}/splits/{split}/{m}" for m in metrics) if c in columns]
+        if present:
+            picked[name] = present[0]
+    named = {task for _, task, _ in HEADLINE}
+    for task in tasks:
+        if task not in named:
+            picked[task] = next(c for c in columns if c.split("/", 1)[0] == task)
     return picked
+
+
+def filled_columns(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if table[c].notna().any()]
 
 
 def headline_table(table: pd.DataFrame) -> str:
     """A narrow markdown table, columns padded to align in a terminal: a row per (method, ablation), a column
     per task (`headline_columns`), then which metric each column is."""
-    picked = headline_columns(table)
+    picked = headline_columns(filled_columns(table))
     rows = [["run", *picked]] + [[row_name(key), *(_cell(row[c], ".1f") for c in picked.values())]
                                  for key, row in table.iterrows()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -1,5 +1,6 @@
-"""`mvptr compare`: the (method, ablation) summary (CSV, markdown, a bar chart per task, a narrow headline table)
-from a study's evaluation files or its MLflow runs.
+"""`mvptr compare`: the (method, ablation) summary (CSV, markdown, a bar chart per task, a narrow headline table;
+means over seeds) from a study's evaluation files or its MLflow runs, and from the files the seed statistics
+(statistics.md, statistics.json: `mvptr.seed_stats`).
 
     mvptr compare --evaluations FILE ... [--out-dir results/summary] [--runs ...] [--methods ...]  (the rule)
     mvptr compare [--tracking-uri URI] [--experiment NAME] [--out-dir results/summary] [--stage evaluate ...]
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from mvptr.compare import evaluations_table, row_name, summary_table, write_summary
+    from mvptr.compare import evaluations_table, read_evaluations, row_name, summary_table, write_summary
 
     move_overrides(args)
     if args.overrides:  # they name the experiment (MLflow) only, but a bad one is an error either way
@@ -39,14 +40,20 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
         config_from_args(args)
     runs = [parse_run(text) for text in args.runs] if args.runs is not None else None
+    found = None
     if args.evaluations:
-        table = evaluations_table(args.evaluations, args.ablations, args.metrics or None, args.methods, runs)
+        found = read_evaluations(args.evaluations, args.ablations, args.methods, runs)
+        table = evaluations_table(found, args.metrics or None, args.methods, args.ablations, runs)
     else:
         table = summary_table(*_store(args), args.stage, args.ablations, args.metrics or None, args.methods, runs)
     missing = [row_name(key) for key, row in table.iterrows() if row.isna().all()]
     if missing:
         print(f"mvptr compare: warning: no finished runs for {', '.join(missing)}", file=sys.stderr)
     written = write_summary(table, args.out_dir)
+    if found is not None:  # the statistics need every seed's item scores: the files have them, MLflow not
+        from mvptr.seed_stats import write_statistics
+
+        written += write_statistics(found, args.methods, args.out_dir)
     print(json.dumps({"rows": [row_name(key) for key in table.index], "columns": len(table.columns),
                       "written": [str(p) for p in written]}))
 
@@ -106,7 +113,7 @@ def register(groups: argparse._SubParsersAction) -> None:
     compare.add_argument("--methods", nargs="+", default=None,
                          help="only these methods (the MLflow tag `method`), rows in this order (default all)")
     compare.add_argument("--evaluations", nargs="+", type=Path, default=None, metavar="FILE",
-                         help="build the table from these evaluation JSON files (<method>/<ablation>/evaluate/"
+                         help="build the table from these evaluation JSON files (<method>/<ablation>/seed<k>/evaluate/"
                               "<task>.json, as `mvptr evaluate run --out` writes them) instead of MLflow")
     compare.add_argument("--runs", nargs="+", default=None, metavar="METHOD/ABLATION",
                          help="only these (method, ablation) runs; one without results gets a row of n/a")

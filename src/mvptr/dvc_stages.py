@@ -16,7 +16,7 @@ results/dvc/metrics.json (DVC metrics: `dvc metrics show`, `dvc exp show`) and r
 configs/default.yaml:seed=3`) lands its numbers where dvc.yaml looks.
 
 Run: `mvptr dvc write [--out dvc.yaml] [key=value ...]` (the overrides must be the ones Snakemake runs with);
-`mvptr dvc export --results results/<dataset> --runs <method>/<ablation>=<stage-one folder> ... --out-dir DIR`.
+`mvptr dvc export --results results/<dataset> --runs <method>/<ablation>/seed<k>=<stage-one folder> ... --out-dir DIR`.
 After `dvc pull` in a fresh clone, `make pull` (dvc pull + dvc status + snakemake --touch) makes
 `snakemake -n` report nothing to do: DVC sets file times in no particular order.
 """
@@ -145,7 +145,7 @@ def cmd_write(args: argparse.Namespace) -> None:
 
 
 def export(results: Path, runs: dict[str, Path], out_dir: Path) -> None:
-    """results/dvc: every task's headline metrics (flat keys `<method>/<ablation>/<task>/<metric>`), and as plot
+    """results/dvc: every task's headline metrics (flat keys `<method>/<ablation>/seed<k>/<task>/<metric>`), and as plot
     data the loss history of both stages of each run and the task metrics as records."""
     from mvptr.errors import DataError
     from mvptr.evaluate.commands import headline
@@ -183,8 +183,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     runs = {}
     for item in args.runs:
         run, sep, stage1 = item.partition("=")
-        if not sep or run.count("/") != 1:
-            raise ConfigError(f"--runs {item}: expected <method>/<ablation>=<stage-one folder>")
+        if not sep or run.count("/") != 2:
+            raise ConfigError(f"--runs {item}: expected <method>/<ablation>/seed<k>=<stage-one folder>")
         runs[run] = Path(stage1)
     export(args.results, runs, args.out_dir)
     print(f"wrote {args.out_dir}/metrics.json and {args.out_dir}/plots")
@@ -198,6 +198,6 @@ def register(groups: argparse._SubParsersAction) -> None:
     write.set_defaults(func=cmd_write)
     out = dvc.add_parser("export", help="results/dvc: metrics and plot data at paths no config hash changes")
     out.add_argument("--results", type=Path, required=True, help="results/<dataset>")
-    out.add_argument("--runs", nargs="+", required=True, metavar="METHOD/ABLATION=STAGE1_DIR")
+    out.add_argument("--runs", nargs="+", required=True, metavar="METHOD/ABLATION/SEEDk=STAGE1_DIR")
     out.add_argument("--out-dir", type=Path, default=Path("results/dvc"))
     out.set_defaults(func=cmd_export)

@@ -8,8 +8,8 @@ a non-negative int (a rank, an epoch) or a string, which enters as the first 8 b
 text: stable across processes and machines (Python's hash() of a str is salted per process).
 
 Use:
-    torch.manual_seed(derive_seed(cfg["seed"], "pretrain", "stage1", "rank", 0))
-    derive_seed(cfg["seed"], "finetune", "vqa")      # a 63-bit int: fits torch.manual_seed, numpy and int64
+    torch.manual_seed(derive_seed(cfg["train_seed"], "pretrain", "stage1", "rank", 0))
+    derive_seed(cfg["train_seed"], "finetune", "vqa")      # a 63-bit int: fits torch.manual_seed, numpy and int64
 """
 
 from __future__ import annotations

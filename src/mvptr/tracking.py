@@ -1,12 +1,12 @@
 """MLflow conventions: where runs go, how they nest, and the tags and params every run carries.
 
 Why: `mlflow ui` and `mvptr compare` can compare ablations only if every stage logs the same params (the full
-flattened config) and the same tags (ablation, method, stage, task, dataset, snakemake_rule, slurm_job_id, git
+flattened config) and the same tags (ablation, method, seed, stage, task, dataset, snakemake_rule, slurm_job_id, git
 commit, config hash), and if runs are found the same way everywhere. MLflow records; it never schedules.
 
-Layout: one experiment per study (`mvptr-<dataset>`); in it one parent run per (method, ablation) (tag
-`mvptr_parent=1`, name `method/ablation`) and, under it, one child run per (stage, task) (tag
-`mlflow.parentRunId`, name `method/ablation/stage/task`). A requeued job passes the run id it kept in its
+Layout: one experiment per study (`mvptr-<dataset>`); in it one parent run per (method, ablation, seed) (tag
+`mvptr_parent=1`, name `method/ablation/seed<k>`, k the train_seed) and, under it, one child run per (stage, task)
+(tag `mlflow.parentRunId`, name `method/ablation/seed<k>/stage/task`). A requeued job passes the run id it kept in its
 checkpoint directory back to `open_run` and goes on logging into the same run.
 
 MLflow's own conventions on top: every run carries the source tags (`mlflow.source.git.commit`, `.name`,
@@ -63,7 +63,7 @@ MAX_METRICS_PER_BATCH = 1000
 PARENT_TAG = "mvptr_parent"
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests runs by it
 PARENT_STAGE = "parent"
-_IDENTITY_TAGS = ("method", "ablation", "stage", "task")  # what a resumed run must agree on with the caller
+_IDENTITY_TAGS = ("method", "ablation", "seed", "stage", "task")  # what a resumed run must agree on with the caller
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # the UI opens an experiment of this kind on "Training runs"
 EXPERIMENT_KIND = "custom_model_development"
 STAGE1_RUN_TAG = "mvptr.stage1_run_id"  # on a stage-two run and its ablation's parent: the stage one it used
@@ -138,6 +138,7 @@ def run_tags(cfg: Mapping[str, Any], stage: str, task: str) -> dict[str, str]:
         **source_tags(stage),
         "ablation": str(cfg["ablation"]),
         "method": str(cfg["method"]["name"]),
+        "seed": str(cfg["train_seed"]),
         "stage": stage,
         "task": task,
         "dataset": str(cfg["dataset"]["name"]),
@@ -227,19 +228,19 @@ def _set_tags(mc: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
 
 
 def parent_run(cfg: Mapping[str, Any], mc: MlflowClient | None = None) -> str:
-    """The parent run of the (method, ablation) in the study's experiment, created on first use; returns its id.
+    """The parent run of the (method, ablation, seed) in the study's experiment, created on first use; returns its id.
 
     Two jobs of one ablation may start at once and both create a parent: each then keeps the oldest parent
     (start time, then id) and deletes its own if that is not it, so all children end under one parent.
     """
     mc = mc or client()
     experiment_id = get_or_create_experiment(mc, experiment_name(cfg))
-    method, ablation = str(cfg["method"]["name"]), str(cfg["ablation"])
+    method, ablation, seed = str(cfg["method"]["name"]), str(cfg["ablation"]), str(cfg["train_seed"])
 
     def parents() -> list[Run]:
         found = search_all_runs(mc, [experiment_id], f"tags.{PARENT_TAG} = '1'")
         found = [r for r in found if r.data.tags.get("ablation") == ablation
-                 and r.data.tags.get("method") == method]
+                 and r.data.tags.get("method") == method and r.data.tags.get("seed") == seed]
         return sorted(found, key=lambda r: (r.info.start_time, r.info.run_id))
 
     existing = parents()
@@ -250,7 +251,7 @@ def parent_run(cfg: Mapping[str, Any], mc: MlflowClient | None = None) -> str:
                                if existing[0].data.tags.get(k) != v})
         return parent
     tags = {**run_tags(cfg, PARENT_STAGE, "all"), PARENT_TAG: "1"}
-    run = mc.create_run(experiment_id, tags=tags, run_name=f"{method}/{ablation}")
+    run = mc.create_run(experiment_id, tags=tags, run_name=f"{method}/{ablation}/seed{seed}")
     own = run.info.run_id
     _log_params(mc, own, run_params(cfg))
     # A parent holds no work of its own; marking it finished keeps the UI from showing it as running forever.
@@ -339,7 +340,7 @@ def open_run(cfg: Mapping[str, Any], *, stage: str, task: str, run_id: str | Non
         experiment_id = get_or_create_experiment(mc, experiment_name(cfg))
         tags = {**run_tags(cfg, stage, task), PARENT_RUN_ID_TAG: parent}
         created = mc.create_run(experiment_id, tags=tags,
-                                run_name=f"{cfg['method']['name']}/{cfg['ablation']}/{stage}/{task}")
+                                run_name=f"{cfg['method']['name']}/{cfg['ablation']}/seed{cfg['train_seed']}/{stage}/{task}")
         opened = created.info.run_id
         _log_params(mc, opened, run_params(cfg))
     if dataset is not None:

@@ -30,20 +30,31 @@ OVERRIDES = overrides_from(config, BASE)
 CONFIG = compose(BASE, OVERRIDES, ROOT)
 validate(CONFIG, str(schema_path()))
 DATASET = config_dataset_dir(CONFIG).name
-# Every (method, ablation) that runs (`methods` x the method-independent ablations, plus each method's own
-# ablations), composed like `mvptr ... method.name=<m> ablation=<a>`, and the hash of its stage-one keys:
-# runs with the same hash share one stage-one job.
-RUNS = {
+# Every (method, ablation, seed) that runs (`methods` x the method-independent ablations, plus each method's own
+# ablations, each with every one of `seeds`), composed like `mvptr ... method.name=<m> ablation=<a>
+# train_seed=<s>`, and the hash of its stage-one keys: runs with the same hash share one stage-one job. A config
+# is composed once per (method, ablation); train_seed, an override applied last, is then set in a copy.
+PAIRS = {
     (method, ablation): compose(
         BASE, [*OVERRIDES, f"method.name={method}", f"ablation={ablation}"], ROOT
     )
     for method, ablation in workflow_runs(CONFIG, ROOT)
+}
+SEEDS = list(CONFIG["seeds"])
+RUNS = {
+    (method, ablation, seed): {**cfg, "train_seed": seed}
+    for (method, ablation), cfg in PAIRS.items()
+    for seed in SEEDS
 }
 STAGE1 = {run: config_hash(cfg, step_keys(cfg, "stage1")) for run, cfg in RUNS.items()}
 # The evaluate.tasks the dataset has files for; each one left out is said once, before any job runs.
 EVAL_TASKS, LEFT_OUT = evaluable_tasks(CONFIG)
 for _task, _why in LEFT_OUT.items():
     print(f"mvptr: evaluate_{_task} left out: {_why}", file=sys.stderr)
+# Zero-shot grounding reads the gold scenes that only the synthetic world has (workflow/rules/evaluate.smk).
+GROUNDING = ["grounding"] if CONFIG["dataset"]["name"] == "synthetic" else []
+# Every task of the summary (a chart each).
+SUMMARY_TASKS = [*EVAL_TASKS, *GROUNDING]
 # The download sources of a corpus (none for synthetic and coco_format), and those whose images are URL lists.
 SOURCES = needed_sources(CONFIG, ROOT)
 WEB_SOURCES = web_sources(CONFIG, ROOT)
@@ -52,8 +63,9 @@ WEB_SOURCES = web_sources(CONFIG, ROOT)
 # Only the configured dataset can be built: its folder name carries the hash of the keys that shape it.
 wildcard_constraints:
     dataset=re.escape(DATASET),
-    method="|".join(sorted({re.escape(method) for method, _ in RUNS})),
-    ablation="|".join(sorted({re.escape(ablation) for _, ablation in RUNS})),
+    method="|".join(sorted({re.escape(method) for method, _ in PAIRS})),
+    ablation="|".join(sorted({re.escape(ablation) for _, ablation in PAIRS})),
+    seed="|".join(str(seed) for seed in SEEDS),
     stage1="|".join(sorted(set(STAGE1.values()))),
     source="|".join(re.escape(source) for source in SOURCES) or "(?!)",
 
@@ -97,26 +109,32 @@ def vocab_file():
 
 
 def stage1_dir(run):
-    """Stage-one outputs of a (method, ablation): keyed by the hash of the config keys that affect stage one."""
+    """Stage-one outputs of a (method, ablation, seed): keyed by the hash of the config keys that affect stage one
+    (train_seed among them)."""
     return f"results/{DATASET}/pretrain/stage1-{STAGE1[run]}"
 
 
+def run_dir(run):
+    """Where a (method, ablation, seed) run's stage two and evaluations go."""
+    method, ablation, seed = run
+    return f"results/{DATASET}/{method}/{ablation}/seed{seed}"
+
+
 def stage2_dir(run):
-    method, ablation = run
-    return f"results/{DATASET}/{method}/{ablation}/pretrain_stage2"
+    return f"{run_dir(run)}/pretrain_stage2"
 
 
 def stage1_run(wildcards):
-    """The first (method, ablation) whose stage one has this hash (they all compute the same thing)."""
+    """The first (method, ablation, seed) whose stage one has this hash (they all compute the same thing)."""
     return next(run for run, digest in STAGE1.items() if digest == wildcards.stage1)
 
 
 def wildcard_run(wildcards):
-    return (wildcards.method, wildcards.ablation)
+    return (wildcards.method, wildcards.ablation, int(wildcards.seed))
 
 
 def stage_outputs(runs=None):
-    """Both stages' outputs of the given (default: every) (method, ablation) runs."""
+    """Both stages' outputs of the given (default: every) (method, ablation, seed) runs."""
     return [
         f"{folder}/{name}"
         for run in runs or RUNS
@@ -160,34 +178,40 @@ def stage1_args(wildcards):
 
 
 def step_args(step):
-    """The params function of a per-(method, ablation) rule: the overrides of the keys `step` depends on."""
+    """The params function of a per-(method, ablation, seed) rule: the overrides of the keys `step` depends on."""
     return lambda wildcards: config_args(
         step_keys(RUNS[wildcard_run(wildcards)], step), wildcard_run(wildcards)
     )
 
 
 def evaluation_outputs(runs=None):
-    """The metrics JSON of every downstream task of the given (default: every) (method, ablation) runs."""
+    """The metrics JSON of every downstream task of the given (default: every) (method, ablation, seed) runs."""
     return [
-        f"results/{DATASET}/{method}/{ablation}/evaluate/{task}.json"
-        for method, ablation in runs or RUNS
-        for task in EVAL_TASKS
+        f"{run_dir(run)}/evaluate/{task}.json"
+        for run in runs or RUNS
+        for task in SUMMARY_TASKS
     ]
 
 
 def summary_outputs():
-    """The (method, ablation) table (CSV, markdown, JSON) and the bar chart of every task."""
+    """The (method, ablation) table (CSV, markdown, JSON), the seed statistics and the bar chart of every task."""
     folder = f"results/summary/{DATASET}"
-    return [f"{folder}/ablations.{ext}" for ext in ("csv", "md", "json")] + [
-        f"{folder}/{task}.png" for task in EVAL_TASKS
-    ]
+    return (
+        [f"{folder}/ablations.{ext}" for ext in ("csv", "md", "json")]
+        + [f"{folder}/statistics.{ext}" for ext in ("md", "json")]
+        + [f"{folder}/{task}.png" for task in SUMMARY_TASKS]
+    )
 
 
 def config_args(keys, run=None):
-    """`--root` and the overrides under `keys` but not under RUN_KEYS (plus `method.name=<m> ablation=<a>` of a
-    (method, ablation) run) to hand to `mvptr`, shell-quoted: a rule's command may run in another working
-    directory (--directory, a cluster node) and composes the same config from them."""
-    extra = [f"method.name={run[0]}", f"ablation={run[1]}"] if run else []
+    """`--root` and the overrides under `keys` but not under RUN_KEYS (plus `method.name=<m> ablation=<a>
+    train_seed=<s>` of a (method, ablation, seed) run) to hand to `mvptr`, shell-quoted: a rule's command may run
+    in another working directory (--directory, a cluster node) and composes the same config from them."""
+    extra = (
+        [f"method.name={run[0]}", f"ablation={run[1]}", f"train_seed={run[2]}"]
+        if run
+        else []
+    )
     picked = overrides_under(keys, exclude=RUN_KEYS)
     return " ".join(
         shlex.quote(item) for item in ["--root", str(ROOT), *picked, *extra]
@@ -209,6 +233,13 @@ def trainer_resources(rule):
         "runtime": launch["timeout_min"],
         **{key: launch.get(key) or "" for key in strings},  # "": not set
     }
+
+
+def trainer_threads(rule):
+    """The cores of this machine a GPU rule's job takes: its trainer's torch threads (launch.cpus_per_task, and
+    launch.rules.<rule>) when it runs here (local, debug); 1 when it runs on SLURM nodes (the rule only waits)."""
+    launch = {**CONFIG["launch"], **(CONFIG["launch"].get("rules") or {}).get(rule, {})}
+    return 1 if CONFIG["launch"]["cluster"] == "slurm" else launch["cpus_per_task"]
 
 
 def trainer_args(rule):

@@ -1,5 +1,5 @@
 """DVC's view of a run at paths that no config hash changes (`mvptr dvc export`): results/dvc/metrics.json (every
-task's headline metrics per (method, ablation), flat keys: `dvc metrics show`, `dvc exp show`) and the plot data
+task's headline metrics per (method, ablation, seed), flat keys: `dvc metrics show`, `dvc exp show`) and the plot data
 under results/dvc/plots/ (loss curves per (method, ablation, stage); the task metrics as a table: `dvc plots diff`).
 dvc.yaml declares these, so that `dvc exp run -S configs/default.yaml:seed=3` compares with the run before it.
 """
@@ -23,8 +23,8 @@ rule dvc_export:
         "../../environment.yml"
     params:
         runs=[
-            f"{method}/{ablation}={stage1_dir((method, ablation))}"
-            for method, ablation in RUNS
+            f"{method}/{ablation}/seed{seed}={stage1_dir((method, ablation, seed))}"
+            for method, ablation, seed in RUNS
         ],
         # results/<dataset>: every input lies under it
         results=lambda wildcards, input: "/".join(Path(input[0]).parts[:2]),

@@ -2,6 +2,8 @@
 ablation)'s stage-two weights on the task, with the same protocol and budget for every method, and evaluates it
 (`mvptr evaluate run`, through submitit), writing the task's metrics JSON and logging them to MLflow. The
 `no_pretraining` ablation (no training steps) gives the same fine-tuning from a randomly initialised model.
+`evaluate_grounding` (the synthetic world only: it reads the gold scenes) measures the pre-trained weights'
+zero-shot phrase-to-region grounding per concept kind (`mvptr evaluate grounding`, in-process, no fine-tuning).
 """
 
 for task in EVAL_TASKS:
@@ -14,25 +16,25 @@ for task in EVAL_TASKS:
             concepts="results/{dataset}/concepts/concepts.json",
             vocab="results/{dataset}/concepts/concept_vocab.json",
             regions="results/{dataset}/regions",
-            weights="results/{dataset}/{method}/{ablation}/pretrain_stage2/model.safetensors",
+            weights="results/{dataset}/{method}/{ablation}/seed{seed}/pretrain_stage2/model.safetensors",
         output:
-            f"results/{{dataset}}/{{method}}/{{ablation}}/evaluate/{task}.json",
+            f"results/{{dataset}}/{{method}}/{{ablation}}/seed{{seed}}/evaluate/{task}.json",
         log:
-            f"results/logs/evaluate_{task}/{{dataset}}/{{method}}/{{ablation}}.log",
+            f"results/logs/evaluate_{task}/{{dataset}}/{{method}}/{{ablation}}/seed{{seed}}.log",
         benchmark:
-            f"results/benchmarks/rules/evaluate_{task}/{{dataset}}/{{method}}/{{ablation}}.tsv"
+            f"results/benchmarks/rules/evaluate_{task}/{{dataset}}/{{method}}/{{ablation}}/seed{{seed}}.tsv"
         # Runs on the head job under the SLURM profile: its submitit trainer is the step's only allocation.
         localrule: True
         conda:
             "../../environment.yml"
-        # The fine-tuning job uses launch.cpus_per_task torch threads: two jobs at once on 2 cores thrash.
-        threads: 2
+        # The fine-tuning job's torch threads on this machine (launch.cpus_per_task).
+        threads: trainer_threads(f"evaluate_{task}")
         resources:
             **trainer_resources(f"evaluate_{task}"),
             launch=LAUNCH_ARGS,
         params:
             task=task,
-            job_dir=f"results/logs/evaluate_{task}/{{dataset}}/{{method}}/{{ablation}}.submitit",
+            job_dir=f"results/logs/evaluate_{task}/{{dataset}}/{{method}}/{{ablation}}/seed{{seed}}.submitit",
             config=step_args("evaluate"),
         shell:
             "MVPTR_RULE=evaluate_{params.task:q} mvptr evaluate run --task {params.task:q} "
@@ -41,3 +43,29 @@ for task in EVAL_TASKS:
             "--out {output:q} {params.config} {resources.launch} "
             + trainer_args(f"evaluate_{task}")
             + " > {log:q} 2>&1"
+
+
+rule evaluate_grounding:
+    input:
+        dataset="resources/datasets/{dataset}",
+        concepts="results/{dataset}/concepts/concepts.json",
+        vocab="results/{dataset}/concepts/concept_vocab.json",
+        regions="results/{dataset}/regions",
+        weights="results/{dataset}/{method}/{ablation}/seed{seed}/pretrain_stage2/model.safetensors",
+    output:
+        "results/{dataset}/{method}/{ablation}/seed{seed}/evaluate/grounding.json",
+    log:
+        "results/logs/evaluate_grounding/{dataset}/{method}/{ablation}/seed{seed}.log",
+    benchmark:
+        "results/benchmarks/rules/evaluate_grounding/{dataset}/{method}/{ablation}/seed{seed}.tsv"
+    conda:
+        "../../environment.yml"
+    # Zero-shot (no training), in-process: seconds on the demo world.
+    threads: 1
+    params:
+        # What the pre-trained weights depend on: a downstream setting does not rerun it.
+        config=step_args("stage2"),
+    shell:
+        "MVPTR_RULE=evaluate_grounding OMP_NUM_THREADS={threads} mvptr evaluate grounding "
+        "--dataset {input.dataset:q} --concepts {input.concepts:q} --vocab {input.vocab:q} "
+        "--regions {input.regions:q} --weights {input.weights:q} --out {output:q} {params.config} > {log:q} 2>&1"

@@ -27,8 +27,8 @@ rule pretrain_stage1:
     localrule: True
     conda:
         "../../environment.yml"
-    # The local trainer uses launch.cpus_per_task torch threads: two at once on 2 cores thrash.
-    threads: 2
+    # The trainer's torch threads on this machine (launch.cpus_per_task): jobs share the cores without thrashing.
+    threads: trainer_threads("pretrain_stage1")
     resources:
         **trainer_resources("pretrain_stage1"),
         # How the trainer is launched (launch.* and cadence overrides): a resource, not a param, so that a
@@ -55,29 +55,29 @@ rule pretrain_stage2:
         regions="results/{dataset}/regions",
         stage1=lambda wildcards: f"{stage1_dir(wildcard_run(wildcards))}/model.safetensors",
     output:
-        model="results/{dataset}/{method}/{ablation}/pretrain_stage2/model.safetensors",
-        metrics="results/{dataset}/{method}/{ablation}/pretrain_stage2/metrics.json",
+        model="results/{dataset}/{method}/{ablation}/seed{seed}/pretrain_stage2/model.safetensors",
+        metrics="results/{dataset}/{method}/{ablation}/seed{seed}/pretrain_stage2/metrics.json",
         curves=report(
-            "results/{dataset}/{method}/{ablation}/pretrain_stage2/loss_curves.png",
+            "results/{dataset}/{method}/{ablation}/seed{seed}/pretrain_stage2/loss_curves.png",
             caption="../report/loss_curves.rst",
             category="Loss curves",
         ),
     log:
-        "results/logs/pretrain_stage2/{dataset}/{method}/{ablation}.log",
+        "results/logs/pretrain_stage2/{dataset}/{method}/{ablation}/seed{seed}.log",
     benchmark:
-        "results/benchmarks/rules/pretrain_stage2/{dataset}/{method}/{ablation}.tsv"
+        "results/benchmarks/rules/pretrain_stage2/{dataset}/{method}/{ablation}/seed{seed}.tsv"
     # Runs on the head job under the SLURM profile: its submitit trainer is the step's only allocation.
     localrule: True
     conda:
         "../../environment.yml"
-    threads: 2
+    threads: trainer_threads("pretrain_stage2")
     resources:
         **trainer_resources("pretrain_stage2"),
         launch=LAUNCH_ARGS,
     params:
-        ckpt_dir="results/{dataset}/checkpoints/{method}/{ablation}/stage2",
-        job_dir="results/logs/pretrain_stage2/{dataset}/{method}/{ablation}.submitit",
-        out="results/{dataset}/{method}/{ablation}/pretrain_stage2",
+        ckpt_dir="results/{dataset}/checkpoints/{method}/{ablation}/seed{seed}/stage2",
+        job_dir="results/logs/pretrain_stage2/{dataset}/{method}/{ablation}/seed{seed}.submitit",
+        out="results/{dataset}/{method}/{ablation}/seed{seed}/pretrain_stage2",
         config=step_args("stage2"),
     shell:
         "MVPTR_RULE=pretrain_stage2 mvptr pretrain stage --stage 2 --dataset {input.dataset:q} "

@@ -1,7 +1,10 @@
-"""`mvptr evaluate run ...`: fine-tune and evaluate one downstream task through submitit, write its metrics.
+"""`mvptr evaluate run ...`: fine-tune and evaluate one downstream task through submitit, write its metrics;
+`mvptr evaluate grounding ...`: zero-shot phrase grounding of pre-trained weights (`mvptr.evaluate.grounding`).
 
     mvptr evaluate run --task retrieval|vqa|ve|rec|nlvr2 --dataset DIR --concepts FILE --vocab FILE \
         --regions DIR --weights FILE --job-dir DIR --out FILE.json [--model-out FILE] [key=value ...]
+    mvptr evaluate grounding --dataset DIR --concepts FILE --vocab FILE --regions DIR --weights FILE \
+        --out FILE.json [key=value ...]
 
 The fine-tuning (`mvptr.evaluate.finetune`, settings `evaluate.*`) runs as a submitit job (`launch.cluster`:
 local, slurm or debug) whose id is kept in --job-dir (beside the rule's log), so that a restarted rule
@@ -24,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mvptr.artifacts import add_artifact_arguments, artifact_paths
+from mvptr.artifacts import HELP, add_artifact_arguments, artifact_paths
 from mvptr.atomic import atomic_write_json
 from mvptr.config import add_config_arguments, config_from_args
 from mvptr.errors import ConfigError
@@ -37,7 +40,7 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
     """The numbers to print: accuracy (VQA: overall) per split, retrieval's r_sum before and after."""
     out: dict[str, Any] = {"task": result["task"], "seconds": result["seconds"]}
     for split, metrics in result["splits"].items():
-        for key in ("accuracy", "overall"):
+        for key in ("accuracy", "overall", "object", "attribute", "relation"):  # the last three: grounding
             if key in metrics:
                 out[f"{split}_{key}"] = round(metrics[key], 2)
         for variant in ("zero_shot", "fine_tuned_vsc", "fine_tuned_itm"):
@@ -52,16 +55,13 @@ def cmd_run(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
     if not args.weights.is_file():
         raise DataError(f"--weights {args.weights}: no such file")
-    from mvptr.models import model_class
-
-    layer, fusion_layers = cfg["evaluate"]["rec"]["layer"], model_class(cfg["method"]["name"]).fusion_layers(cfg)
-    if args.task == "rec" and layer > fusion_layers:
-        raise ConfigError(f"config key 'evaluate.rec.layer': {layer} is more than the {fusion_layers} "
-                          f"cross-modal layers of a {cfg['method']['name']} model of this config")
+    if args.task == "rec":  # the model class imports torch: only rec needs it here (a second a job otherwise)
+        _check_rec_layer(cfg)
     # torch, transformers and MLflow are imported only once the arguments are known to be usable.
     from mvptr import tracking
+    from mvptr.artifacts import RUN_FILE, TaskPaths
     from mvptr.batching import count_task_examples, fit_batch
-    from mvptr.evaluate.finetune import RUN_FILE, TaskPaths, flat_metrics
+    from mvptr.headline import flat_metrics
     from mvptr.launch.job import ConfigJob
     from mvptr.launch.launcher import LaunchSettings, launch
 
@@ -99,6 +99,15 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(json.dumps(headline(result), sort_keys=True))
 
 
+def _check_rec_layer(cfg: dict[str, Any]) -> None:
+    from mvptr.models import model_class
+
+    layer, fusion_layers = cfg["evaluate"]["rec"]["layer"], model_class(cfg["method"]["name"]).fusion_layers(cfg)
+    if layer > fusion_layers:
+        raise ConfigError(f"config key 'evaluate.rec.layer': {layer} is more than the {fusion_layers} "
+                          f"cross-modal layers of a {cfg['method']['name']} model of this config")
+
+
 def _warn_on_store_error(call: Any) -> None:
     try:
         call()
@@ -120,3 +129,16 @@ def register(groups: argparse._SubParsersAction) -> None:
     run.add_argument("--model-out", type=Path, default=None, help="where to save the fine-tuned model and head")
     add_config_arguments(run)
     run.set_defaults(func=cmd_run)
+    ground = evaluate.add_parser("grounding", help="zero-shot phrase-to-region grounding on the gold boxes (in-process)")
+    for name, what in HELP.items():
+        ground.add_argument(f"--{name}", type=Path, required=True, help=what)
+    ground.add_argument("--weights", type=Path, required=True, help="model.safetensors of a pre-training stage")
+    ground.add_argument("--out", type=Path, required=True, help="result JSON")
+    add_config_arguments(ground)
+    ground.set_defaults(func=_cmd_grounding)
+
+
+def _cmd_grounding(args: argparse.Namespace) -> None:
+    from mvptr.evaluate.grounding import cmd_grounding  # torch: only once the arguments parsed
+
+    cmd_grounding(args)

@@ -43,7 +43,9 @@ Use: `result = finetune(cfg, "vqa", TaskPaths(dataset, concepts, vocab, regions,
     task, weights, seconds
     train     examples, steps, batch_size, lr, first_loss, final_loss (mean of the last tenth of the steps)
     splits    {split: metrics}: retrieval images, texts, ranking, zero_shot / fine_tuned_vsc / fine_tuned_itm
-              recalls, k_text, k_image, pairs_scored, itm_seconds (exhaustive_itm: rerank_pairs); vqa vqa_report; ve, nlvr2 classification_report; rec accuracy
+              recalls, k_text, k_image, pairs_scored, itm_seconds (exhaustive_itm: rerank_pairs),
+              itm_hard_negative_accuracy; vqa vqa_report; ve, nlvr2 classification_report; rec accuracy; and
+              item_scores {headline metric: its score per test item} (lists: not MLflow metrics)
     chance    {split: chance levels}, as above
     answers (vqa: vocabulary size), skipped_examples (example tasks: images in no region store)
 """
@@ -52,12 +54,10 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +66,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
-from mvptr.artifacts import Artifacts
+from mvptr.artifacts import RUN_FILE, TaskPaths
 from mvptr.atomic import atomic_write_json
 from mvptr.batching import fit_batch
 from mvptr.data import task_files
 from mvptr.data.coco import read_json
 from mvptr.data.order import batch_indices
-from mvptr.data.vqa_answers import answer_vocabulary, vqa_soft_scores
+from mvptr.data.vqa_answers import answer_vocabulary, vqa_accuracy, vqa_soft_scores
 from mvptr.errors import DataError
 from mvptr.evaluate.encode import encode_split
 from mvptr.evaluate.heads import pooled, region_scores
@@ -80,11 +80,13 @@ from mvptr.evaluate.metrics import (
     box_iou,
     classification_report,
     grounding_accuracy,
+    retrieval_ranks,
     retrieval_recalls,
     vqa_report,
 )
 from mvptr.evaluate.rerank import exhaustive_scores, itm_pair_scorer, rerank
 from mvptr.evaluate.zero_shot import chance_recalls
+from mvptr.headline import flat_metrics
 from mvptr.models import build_model
 from mvptr.objectives import load_objective
 from mvptr.objectives.heads import MLPHead
@@ -96,15 +98,6 @@ from mvptr.train.optim import build_optimizer
 
 Log = Callable[[str], None]
 Batch = dict[str, Tensor]
-
-
-@dataclass(frozen=True)
-class TaskPaths(Artifacts):
-    """The artifacts a fine-tuning reads, and where to save the fine-tuned weights (None: not saved)."""
-
-    weights: Path  # the model to fine-tune (model.safetensors of a pre-training stage, or never trained)
-    save_to: Path | None = None
-    run_dir: Path | None = None  # MLflow: the run id is kept in run_dir/run.json; None: nothing is logged
 
 
 class Resources:
@@ -268,6 +261,9 @@ def retrieval(res: Resources, cfg: Mapping[str, Any], seed: int, log: Log) -> tu
             fine_tuned_itm=retrieval_recalls(reranked.i2t, enc.text_to_image, t2i_scores=reranked.t2i),
             k_text=rcfg["k_text"], k_image=rcfg["k_image"], add_similarity=rcfg["add_similarity"],
             pairs_scored=reranked.pairs_scored)
+        item_scores = {"fine_tuned_vsc/ir_r_at_1": image_hits(similarity, enc.text_to_image),
+                       "fine_tuned_itm/ir_r_at_1": image_hits(reranked.i2t, enc.text_to_image, reranked.t2i)}
+        hardest = similarity
     else:
         with _autocast(res.device):
             scores = exhaustive_scores(n_images, n_texts, scorer, ecfg["eval_batch_size"], device=res.device)
@@ -275,12 +271,45 @@ def retrieval(res: Resources, cfg: Mapping[str, Any], seed: int, log: Log) -> tu
         rerank_pairs = min(rcfg["k_text"], n_texts) * n_images + min(rcfg["k_image"], n_images) * n_texts
         metrics.update(ranking="exhaustive_itm", fine_tuned_itm=retrieval_recalls(scores, enc.text_to_image),
                        pairs_scored=n_images * n_texts, rerank_pairs=rerank_pairs)
+        item_scores = {"fine_tuned_itm/ir_r_at_1": image_hits(scores, enc.text_to_image)}
+        hardest = scores
     metrics["itm_seconds"] = round(time.monotonic() - started, 2)
+    with _autocast(res.device):
+        correct = itm_hard_negative_hits(itm_pair_scorer(res.model, enc, margin=True), hardest, enc.text_to_image,
+                                         ecfg["eval_batch_size"])
+    metrics["itm_hard_negative_accuracy"] = sum(correct) / len(correct)
+    item_scores["itm_hard_negative_accuracy"] = correct
+    metrics["item_scores"] = item_scores
     log(f"retrieval: {metrics['ranking']} scored {metrics['pairs_scored']} pairs by ITM in {metrics['itm_seconds']}s")
     test_split = task_files.EVAL_SPLITS["retrieval"][0]
     return {"train": {"examples": len(train), **training},
             "splits": {test_split: {"images": n_images, "texts": n_texts, **metrics}},
             "chance": {test_split: chance_recalls(enc.text_to_image)}}, None
+
+
+def image_hits(scores: Tensor, text_to_image: Tensor, t2i_scores: Tensor | None = None) -> list[float]:
+    """Per test text, 100 if its image ranks first among the images (image retrieval R@1), else 0: the items the
+    summary's bootstrap resamples (their mean is `ir_r_at_1`)."""
+    _, image_ranks = retrieval_ranks(scores, text_to_image, t2i_scores=t2i_scores)
+    return (100.0 * (image_ranks < 1).double()).tolist()
+
+
+def itm_hard_negative_hits(margin_scorer: Callable[[Tensor, Tensor], Tensor], scores: Tensor,
+                           text_to_image: Tensor, batch_size: int) -> list[float]:
+    """Per test text, 100 or 0 for each of two pairs: is the text with its own image called a match by the ITM
+    head (margin > 0), and the text with its hard negative - the wrong image `scores` (n_images, n_texts) ranks
+    first - called no match. Their mean is the ITM head's hard-negative accuracy (50 for a head that says the
+    same of every pair)."""
+    from mvptr.evaluate.rerank import score_pairs
+
+    owner = text_to_image.to(scores.device)
+    texts = torch.arange(scores.shape[1], device=scores.device)
+    wrong = scores.float().clone()
+    wrong[owner, texts] = float("-inf")
+    negative = wrong.argmax(dim=0)
+    positive_margin = score_pairs(owner, texts, margin_scorer, batch_size)
+    negative_margin = score_pairs(negative, texts, margin_scorer, batch_size)
+    return (100.0 * torch.cat([positive_margin > 0, negative_margin <= 0]).double()).tolist()
 
 
 # --- Tasks on examples (vqa, ve, rec, nlvr2) ----------------------------------------------------------------
@@ -307,6 +336,11 @@ class ExampleTask(ABC):
 
     @abstractmethod
     def report(self, predictions: list[int], examples: Sequence[Any]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def item_scores(self, predictions: list[int], examples: Sequence[Any]) -> dict[str, list[float]]:
+        """{headline metric: its score on each example} (the metric is their mean): what the summary's bootstrap
+        resamples."""
 
     @abstractmethod
     def chance(self, examples: Sequence[Any]) -> dict[str, float]: ...
@@ -336,6 +370,9 @@ class ClassificationTask(ExampleTask):
 
     def report(self, predictions: list[int], examples: Sequence[Any]) -> dict[str, Any]:
         return classification_report(predictions, [ex.label for ex in examples], self.labels)
+
+    def item_scores(self, predictions: list[int], examples: Sequence[Any]) -> dict[str, list[float]]:
+        return {"accuracy": [100.0 * (p == ex.label) for p, ex in zip(predictions, examples, strict=True)]}
 
     def chance(self, examples: Sequence[Any]) -> dict[str, float]:
         majority = 100.0 * sum(ex.label == self.majority for ex in examples) / len(examples)
@@ -400,6 +437,10 @@ class VQA(ExampleTask):
     def report(self, predictions: list[int], examples: Sequence[task_files.VQAExample]) -> dict[str, Any]:
         return vqa_report(self._records([self.answers[p] for p in predictions], examples))
 
+    def item_scores(self, predictions: list[int], examples: Sequence[task_files.VQAExample]) -> dict[str, list[float]]:
+        return {"overall": [100.0 * vqa_accuracy(self.answers[p], ex.answers)
+                            for p, ex in zip(predictions, examples, strict=True)]}
+
     def chance(self, examples: Sequence[task_files.VQAExample]) -> dict[str, float]:
         # Uniform: the mean over questions of the mean VQA accuracy of the vocabulary's answers.
         uniform = sum(self.targets(examples).sum(dim=1).tolist()) / (len(examples) * len(self.answers))
@@ -444,9 +485,18 @@ class ReferringExpressions(ExampleTask):
         return F.mse_loss(outputs[valid], targets[valid])
 
     def report(self, predictions: list[int], examples: Sequence[task_files.RefExample]) -> dict[str, Any]:
+        chosen, gold = self._boxes(predictions, examples)
+        return {"accuracy": grounding_accuracy(chosen, gold)}
+
+    def item_scores(self, predictions: list[int], examples: Sequence[task_files.RefExample]) -> dict[str, list[float]]:
+        chosen, gold = self._boxes(predictions, examples)
+        hits = box_iou(chosen, gold).diagonal() >= 0.5
+        return {"accuracy": (100.0 * hits.double()).tolist()}
+
+    def _boxes(self, predictions: list[int], examples: Sequence[task_files.RefExample]) -> tuple[Tensor, Tensor]:
+        """(N, 4) the chosen region's box and (N, 4) the gold box of each example."""
         chosen = torch.stack([self.regions(ex)[p, :4] for p, ex in zip(predictions, examples, strict=True)])
-        gold = torch.tensor([list(ex.gold_box) for ex in examples], dtype=torch.float32)
-        return {"accuracy": grounding_accuracy(chosen.float(), gold)}
+        return chosen.float(), torch.tensor([list(ex.gold_box) for ex in examples], dtype=torch.float32)
 
     def chance(self, examples: Sequence[task_files.RefExample]) -> dict[str, float]:
         hits = [(iou_targets(self.regions(ex), ex.gold_box) >= 0.5).double().mean().item() for ex in examples]
@@ -496,9 +546,11 @@ def example_task(res: Resources, cfg: Mapping[str, Any], name: str, paths: TaskP
         return task.loss(task.outputs(examples), examples)
 
     training = fit(module, batch_loss, len(train), ecfg[name], ecfg, seed, res.device, log, name, track=res.track)
-    splits = {split: {"examples": len(examples), **task.report(predict(task, examples, ecfg["eval_batch_size"]),
-                                                                examples)}
-              for split, examples in usable.items()}
+    splits = {}
+    for split, examples in usable.items():
+        predictions = predict(task, examples, ecfg["eval_batch_size"])
+        splits[split] = {"examples": len(examples), **task.report(predictions, examples),
+                         "item_scores": task.item_scores(predictions, examples)}
     result = {"train": {"examples": len(train), **training}, "splits": splits,
               "chance": {split: task.chance(examples) for split, examples in usable.items()},
               "skipped_examples": sum(len(read[s]) for s in read) - len(train) - sum(map(len, usable.values()))}
@@ -526,7 +578,7 @@ def finetune(cfg: Mapping[str, Any], task: str, paths: TaskPaths, *, log: Log = 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # Dropout draws from the global generator: seeded per (seed, task) (mvptr.seeds), as are the heads'
     # initialisation.
-    seed = derive_seed(cfg["seed"], "finetune", task)
+    seed = derive_seed(cfg["train_seed"], "finetune", task)
     torch.manual_seed(seed)
     run_id = open_evaluation_run(cfg, task, paths) if paths.run_dir is not None else None
     monitor = None
@@ -561,7 +613,6 @@ def finetune(cfg: Mapping[str, Any], task: str, paths: TaskPaths, *, log: Log = 
     return out
 
 
-RUN_FILE = "run.json"
 
 
 def open_evaluation_run(cfg: Mapping[str, Any], task: str, paths: TaskPaths) -> str:
@@ -583,19 +634,3 @@ def _log_step(run_id: str, metrics: Mapping[str, float], step: int) -> None:
     from mvptr import tracking
 
     tracking.log_metrics(run_id, metrics, step)
-
-
-def flat_metrics(result: Mapping[str, Any]) -> dict[str, float]:
-    """The numeric leaves of a result, keys joined with '/' and made MLflow-safe (no '@', quotes, ...)."""
-    out: dict[str, float] = {}
-
-    def walk(node: Mapping[str, Any], prefix: str) -> None:
-        for key, value in node.items():
-            name = prefix + "".join(c if c.isalnum() or c in "_-. /" else "_" for c in str(key))
-            if isinstance(value, Mapping):
-                walk(value, name + "/")
-            elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                out[name] = float(value)
-
-    walk(result, "")
-    return out

@@ -124,9 +124,10 @@ def exhaustive_scores(n_images: int, n_texts: int, pair_scores: PairScorer, batc
     return out.view(n_images, n_texts)
 
 
-def itm_pair_scorer(model: VLModel, enc: SplitEncoding, trim_padding: bool = True) -> PairScorer:
+def itm_pair_scorer(model: VLModel, enc: SplitEncoding, trim_padding: bool = True, margin: bool = False) -> PairScorer:
     """`pair_scores` from a split's cached uni-modal outputs (`mvptr.evaluate.encode.SplitEncoding`, on the
-    model's device). The score is the ITM logit of "match" (class 1).
+    model's device). The score is the ITM logit of "match" (class 1), or with `margin` that logit less the one
+    of "no match" (> 0: the head calls the pair a match).
 
     trim_padding drops the positions that are padding in every pair of the batch before the cross-modal
     layers: masked positions do not change the others' outputs, so only the cost changes."""
@@ -144,6 +145,7 @@ def itm_pair_scorer(model: VLModel, enc: SplitEncoding, trim_padding: bool = Tru
             if image.tag_mask is not None:
                 keep = image.tag_mask.any(dim=0)
                 image = image._replace(tags=image.tags[:, keep], tag_mask=image.tag_mask[:, keep])
-        return model.match_logits(model.fuse(texts, t_mask, image))[:, 1]
+        logits = model.match_logits(model.fuse(texts, t_mask, image))
+        return logits[:, 1] - logits[:, 0] if margin else logits[:, 1]
 
     return score

@@ -35,11 +35,11 @@ def model_class(name: str) -> type[VLModel]:
 
 
 def build_model(cfg: Mapping[str, Any], vocab_size: int, region_feature_dim: int) -> VLModel:
-    """A fresh model of `method.name`, identical on every rank (initialised from the config's seed)."""
+    """A fresh model of `method.name`, identical on every rank (initialised from the config's train_seed)."""
     import torch
 
     cls = model_class(cfg["method"]["name"])
     config = cls.config_class.from_project(cfg, vocab_size=vocab_size, region_feature_dim=region_feature_dim)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg["seed"])
+        torch.manual_seed(cfg["train_seed"])
         return cls(config)

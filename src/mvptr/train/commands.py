@@ -46,7 +46,7 @@ def _fit_batch_to_data(cfg: dict, args: argparse.Namespace, ranks: int) -> None:
 
 def _mark_failed(ckpt_dir: Path) -> None:
     """The job is given up on: its run (if it got one) is FAILED, not left RUNNING."""
-    from mvptr.train.tracker import RUN_FILE
+    from mvptr.artifacts import RUN_FILE
 
     run_file = ckpt_dir / RUN_FILE
     if not run_file.is_file():
@@ -88,11 +88,10 @@ def _stage1_run_id(init_weights: Path | None) -> str | None:
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
+    from mvptr.artifacts import FINAL_WEIGHTS, PENDING_FILE, StagePaths
     from mvptr.launch.job import ConfigJob
     from mvptr.launch.launcher import LaunchSettings, launch
     from mvptr.train.curves import loss_curves_png
-    from mvptr.train.loop import FINAL_WEIGHTS, StagePaths
-    from mvptr.train.tracker import PENDING_FILE
 
     cfg = config_from_args(args)
     paths = StagePaths(**artifact_paths(args), ckpt_dir=args.ckpt_dir.resolve(),

@@ -28,7 +28,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from safetensors.torch import load_model
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from mvptr.artifacts import Artifacts
+from mvptr.artifacts import FINAL_WEIGHTS, StagePaths
 from mvptr.data.order import batch_indices
 from mvptr.models import build_model
 from mvptr.models.base import VLModel
@@ -56,15 +55,6 @@ from mvptr.train.stages import stage_objectives
 from mvptr.train.tracker import StageRun
 
 Log = Callable[[str], None]
-FINAL_WEIGHTS = "final.safetensors"
-
-
-@dataclass(frozen=True)
-class StagePaths(Artifacts):
-    """The artifacts a stage reads, and its checkpoint directory."""
-
-    ckpt_dir: Path
-    init_weights: Path | None = None  # stage two: the stage-one weights
 
 
 def initialise(model: VLModel, cfg: Mapping[str, Any], stage: int, init_weights: Path | None, log: Log) -> None:
@@ -208,7 +198,7 @@ def _train(cfg: Mapping[str, Any], stage: int, model: VLModel, objectives: list[
     pcfg, scfg = cfg["pretrain"], cfg["pretrain"][f"stage{stage}"]
     # Dropout draws from the global generator, the objectives' masking and sampling from their own: both are
     # seeded per (seed, stage, rank) here (mvptr.seeds) and restored from the checkpoint on resume.
-    seed = derive_seed(cfg["seed"], "pretrain", f"stage{stage}", "rank", env.rank)
+    seed = derive_seed(cfg["train_seed"], "pretrain", f"stage{stage}", "rank", env.rank)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(derive_seed(seed, "objectives"))
     step = PretrainStep(model, objectives, pcfg["objectives"], generator, **momentum_options(cfg))
@@ -300,6 +290,6 @@ def _micro_batches(num_items: int, batch_size: int, micro: int, start: int, end:
     """This rank's micro-batches of steps [start, end), in order."""
     out = []
     for step in range(start, end):
-        mine = batch_indices(num_items, batch_size, step, cfg["seed"], env.rank, env.world_size)
+        mine = batch_indices(num_items, batch_size, step, cfg["train_seed"], env.rank, env.world_size)
         out += [mine[i:i + micro] for i in range(0, len(mine), micro)]
     return out

@@ -29,11 +29,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mvptr.artifacts import PENDING_FILE, RUN_FILE
 from mvptr.atomic import atomic_write_bytes, atomic_write_json
 from mvptr.train.distributed import Env
 
-RUN_FILE = "run.json"
-PENDING_FILE = "mlflow-pending.jsonl"
 RETRY_S = 60.0  # while the store is down, one try to reach it per this many seconds (at a log call)
 REPLAY_BLOCK = 50  # pending steps sent between two rewrites of the pending file
 # MLflow's defaults (120 s timeout, 7 retries, backoff factor 2) make one request to a dead server take minutes.
