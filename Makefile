@@ -4,6 +4,8 @@
 #
 #   make demo                       the Snakemake workflow on configs/default.yaml
 #   make test                       the pytest suite
+#   make study                      the seeded study (configs/study.yaml; hours on 2 cores, README "The study")
+#   make bench                      the benchmarks against their limits (JSON in results/benchmarks/, table printed)
 #   make pull                       after a clone: dvc pull + dvc status + snakemake --touch (nothing to redo)
 #   make img2dataset                img2dataset in its own environment (.venv-img2dataset), for CC3M/SBU images
 #   make slurm-profile              one-time: lets `snakemake --profile slurm` find workflow/profiles/slurm
@@ -19,7 +21,7 @@ STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH_SPEC)' | sha1sum | cut 
 BIN := $(abspath $(VENV))/bin
 RUN := PATH="$(BIN):$$PATH"
 
-.PHONY: demo test lint venv clean-venv slurm-profile pull img2dataset
+.PHONY: demo study test bench lint venv clean-venv slurm-profile pull img2dataset
 
 venv: $(STAMP)
 
@@ -53,6 +55,21 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(RUN) snakemake --cores $(CORES) --workflow-profile workflow/profiles/default all
 	@cat results/summary/*/headline.md
+
+# Each benchmark against its limit, one after another (each times its sides in one run; both cores each), then the
+# table of ratios and targets (benchmarks/summary.py). About 10 minutes on 2 cores.
+bench: $(STAMP)
+	for method in mvptr simla semvlp; do $(RUN) python benchmarks/bench_step.py --method $$method --steps 5 > /dev/null; done
+	$(RUN) python benchmarks/bench_concepts.py > /dev/null
+	$(RUN) python benchmarks/bench_loader.py > /dev/null
+	$(RUN) python benchmarks/bench_region_store.py > /dev/null
+	$(RUN) python benchmarks/bench_dryrun.py > /dev/null
+	$(RUN) python benchmarks/summary.py
+
+# The seeded study: its own world (configs/study.yaml), so the demo's results stay; prints the seed statistics.
+study: $(STAMP)
+	$(RUN) snakemake --cores $(CORES) --workflow-profile workflow/profiles/default study --configfile configs/study.yaml
+	@cat results/study/statistics.md
 
 # Test files run in parallel (pytest-xdist; one file per worker keeps each file's fixtures in one process):
 # most of the suite's time is subprocesses, Snakemake and the SLURM cluster waiting, not both cores busy.

@@ -58,12 +58,12 @@ def test_synth_too_few_images_is_one_line(capsys: pytest.CaptureFixture, tmp_pat
 
 def test_compare_key_value_is_an_override(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     # seed=3 is an override, not an ablation; a bad override names its key
-    err = one_line_error(capsys, "compare", "--evaluations", str(tmp_path / "m/full/evaluate/vqa.json"),
+    err = one_line_error(capsys, "compare", "--evaluations", str(tmp_path / "m/full/seed0/evaluate/vqa.json"),
                          "--ablations", "full", "nosuchkey=3", "--out-dir", str(tmp_path / "s"))
     assert "nosuchkey" in err and "ablation" not in err.split("nosuchkey")[0]
-    err = one_line_error(capsys, "compare", "--evaluations", str(tmp_path / "m/full/evaluate/vqa.json"),
+    err = one_line_error(capsys, "compare", "--evaluations", str(tmp_path / "m/full/seed0/evaluate/vqa.json"),
                          "--ablations", "full", "seed=3", "--out-dir", str(tmp_path / "s"))
-    assert err == f"mvptr: error: --evaluations {tmp_path / 'm/full/evaluate/vqa.json'}: no such file"
+    assert err == f"mvptr: error: --evaluations {tmp_path / 'm/full/seed0/evaluate/vqa.json'}: no such file"
 
 
 @pytest.mark.parametrize("argv", [["pretrain", "stage", "--stage", "1", "--ckpt-dir", "{tmp}/ck", "--out", "{tmp}/o"],
@@ -114,7 +114,7 @@ def test_summary_from_files_ignores_mlflow_and_headline_fits(capsys: pytest.Capt
     files = []
     for i, (method, ablation) in enumerate(DEMO_RUNS):
         for j, task in enumerate(TASKS):
-            path = tmp_path / "results" / "synthetic" / method / ablation / "evaluate" / f"{task}.json"
+            path = tmp_path / "results" / "synthetic" / method / ablation / "seed0" / "evaluate" / f"{task}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             result = evaluation(task, 10.0 * i + j + 0.25)
             path.write_text(json.dumps(result))
@@ -140,10 +140,10 @@ def test_summary_from_files_ignores_mlflow_and_headline_fits(capsys: pytest.Capt
     headline = before["headline.md"].decode().splitlines()
     assert all(len(line) <= 100 for line in headline), max(headline, key=len)
     header = [c.strip() for c in headline[0].strip("|").split("|")]
-    assert header == ["run", "retrieval IR@1", "VQA acc", "VE acc", "REC acc", "NLVR2 acc"]
+    assert header == ["run", "IR@1", "VQA", "VE", "REC", "NLVR2"]
     rows = [line for line in headline[2:] if line.startswith("|")]
     assert [r.split("|")[1].strip() for r in rows] == ["mvptr/full", "mvptr/joint", "mvptr/no_pretraining",
                                                        "simla/full", "simla/no_pretraining", "semvlp/full",
                                                        "semvlp/no_pretraining"]  # row_order: full first
     assert [c.strip() for c in rows[0].strip("|").split("|")] == ["mvptr/full", "0.2", "2.2", "3.2", "5.2", "5.2"]
-    assert "- REC acc: rec/splits/testB/accuracy" in headline
+    assert "- REC: rec/splits/testB/accuracy" in headline

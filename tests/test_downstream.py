@@ -196,6 +196,17 @@ def test_each_task_fine_tunes_and_reports_metrics_in_range(stage0, task, tmp_pat
     assert values and all(0.0 <= v <= 100.0 for v in values)
     for split, metrics in result["splits"].items():
         chance = result["chance"][split]
+        # The per-item scores the summary's bootstrap resamples average to the metric they stand for.
+        items = metrics["item_scores"]
+        assert set(items) == ({"fine_tuned_vsc/ir_r_at_1", "fine_tuned_itm/ir_r_at_1", "itm_hard_negative_accuracy"}
+                              if task == "retrieval" else {"overall" if task == "vqa" else "accuracy"})
+        for name, scores in items.items():
+            value = metrics
+            for part in name.split("/"):
+                value = value[part]
+            size = 2 * metrics["texts"] if name == "itm_hard_negative_accuracy" else metrics.get("texts",
+                                                                                               metrics.get("examples"))
+            assert len(scores) == size and value == pytest.approx(sum(scores) / len(scores), abs=1e-9), name
         if task == "retrieval":
             rcfg = cfg["evaluate"]["retrieval"]
             assert metrics["pairs_scored"] == rcfg["k_text"] * metrics["images"] + rcfg["k_image"] * metrics["texts"]

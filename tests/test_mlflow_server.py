@@ -155,7 +155,7 @@ def test_the_ui_lists_a_row_per_ablation_and_compares_their_metrics(study, mlflo
     evaluation = mc.get_run(study["rec"]["mlflow_run_id"])
     experiment = evaluation.info.experiment_id
     parents = [r for r in mc.search_runs([experiment], "tags.mvptr_parent = '1'")]
-    assert {r.info.run_name for r in parents} == {"mvptr/full", "mvptr/no_wpg"}
+    assert {r.info.run_name for r in parents} == {"mvptr/full/seed0", "mvptr/no_wpg/seed0"}
     ids = json.dumps([r.info.run_id for r in parents]).replace(" ", "")
     pages = {"runs": f"{mlflow_server}/#/experiments/{experiment}/runs",
              "compare": f"{mlflow_server}/#/compare-runs?runs={ids}&experiments=[%22{experiment}%22]"}

@@ -117,7 +117,7 @@ def test_a_photo_folder_with_every_task_file_runs_through_every_evaluation(folde
     (dataset,) = (tmp_path / "resources/datasets").iterdir()
     results = tmp_path / "results" / dataset.name
     for task in TASKS:
-        result = json.loads((results / f"mvptr/full/evaluate/{task}.json").read_text())
+        result = json.loads((results / f"mvptr/full/seed0/evaluate/{task}.json").read_text())
         assert result["train"]["steps"] == 2 and result["splits"], task
     manifest = json.loads((dataset / "manifest.json").read_text())
     assert manifest["counts"]["images_without_objects"] == 1

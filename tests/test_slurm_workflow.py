@@ -38,13 +38,13 @@ def results(workdir: Path) -> dict[str, object]:
     """What the two runs must agree on: concept quality, backbone accuracy, both stages' losses, every task's
     metrics (times left out)."""
     stage1 = json.loads(next(workdir.glob("results/*/pretrain/stage1-*/metrics.json")).read_text())
-    stage2 = json.loads(next(workdir.glob("results/*/mvptr/full/pretrain_stage2/metrics.json")).read_text())
+    stage2 = json.loads(next(workdir.glob("results/*/mvptr/full/seed0/pretrain_stage2/metrics.json")).read_text())
     return untimed({"concepts": json.loads(next(workdir.glob("results/*/concepts/concept_quality.json")).read_text()),
                     "backbone": json.loads(next(workdir.glob("results/*/regions/backbone_metrics.json")).read_text()),
                     "stage1": stage1["history"], "stage2": stage2["history"],
                     "zero_shot": stage2["zero_shot"]["recalls"],
                     "evaluate": {p.stem: json.loads(p.read_text())["splits"]
-                                 for p in workdir.glob("results/*/mvptr/full/evaluate/*.json")}})
+                                 for p in workdir.glob("results/*/mvptr/full/seed0/evaluate/*.json")}})
 
 
 def sacct_states(job_ids: list[str]) -> dict[str, str]:

@@ -201,7 +201,7 @@ def test_the_workflow_runs_coco2014_and_vqa_v2_from_download_to_evaluate_vqa(rel
                      *config, workdir=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "resources/downloads").iterdir()) == ["coco2014", "vqa_v2"]
-    result = json.loads(next(tmp_path.glob("results/coco2014-*/mvptr/no_pretraining/evaluate/vqa.json")).read_text())
+    result = json.loads(next(tmp_path.glob("results/coco2014-*/mvptr/no_pretraining/seed0/evaluate/vqa.json")).read_text())
     world = release["root"] / "world"
     assert result["splits"]["test"]["examples"] == len(read_task(world, "vqa", "test"))
     assert result["splits"]["val"]["examples"] == len(read_task(world, "vqa", "val"))

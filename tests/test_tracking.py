@@ -19,7 +19,7 @@ from mvptr import tracking
 from mvptr.config import flatten, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-REQUIRED_TAGS = {"ablation", "method", "stage", "task", "dataset", "snakemake_rule", "git_commit", "config_hash"}
+REQUIRED_TAGS = {"ablation", "method", "seed", "stage", "task", "dataset", "snakemake_rule", "git_commit", "config_hash"}
 
 
 @pytest.fixture
@@ -73,12 +73,12 @@ def test_parent_per_ablation_and_child_per_stage_task(store: str, base_cfg: dict
     assert len(runs) == len(parents) + len(ids)  # exactly one parent per ablation, however many children
     by_id = {r.info.run_id: r for r in runs}
     for ablation, parent in parents.items():
-        assert parent.data.tags["method"] == "mvptr" and run_name(parent) == f"mvptr/{ablation}"
+        assert parent.data.tags["method"] == "mvptr" and run_name(parent) == f"mvptr/{ablation}/seed0"
     for (ablation, stage, task), run_id in ids.items():
         tags = by_id[run_id].data.tags
         assert tags[tracking.PARENT_RUN_ID_TAG] == parents[ablation].info.run_id
         assert (tags["method"], tags["ablation"], tags["stage"], tags["task"]) == ("mvptr", ablation, stage, task)
-        assert run_name(by_id[run_id]) == f"mvptr/{ablation}/{stage}/{task}"
+        assert run_name(by_id[run_id]) == f"mvptr/{ablation}/seed0/{stage}/{task}"
     expected_keys = set(flatten(full))
     for run in runs:
         assert REQUIRED_TAGS <= set(run.data.tags)
@@ -192,7 +192,7 @@ def test_same_ablation_of_two_methods_gets_two_parents(store: str, base_cfg: dic
     by_method = {r.data.tags["method"]: r for r in parents}
     assert len(parents) == 2 and sorted(by_method) == ["mvptr", "simla"]
     assert {r.data.tags["ablation"] for r in parents} == {"full"}
-    assert sorted(run_name(r) for r in parents) == ["mvptr/full", "simla/full"]
+    assert sorted(run_name(r) for r in parents) == ["mvptr/full/seed0", "simla/full/seed0"]
     assert tracking.parent_run(mvptr) == by_method["mvptr"].info.run_id
     assert tracking.parent_run(simla) == by_method["simla"].info.run_id
     assert len(runs) == len(parents) + len(ids)
@@ -202,7 +202,7 @@ def test_same_ablation_of_two_methods_gets_two_parents(store: str, base_cfg: dic
         assert run.data.tags[tracking.PARENT_RUN_ID_TAG] == by_method[method].info.run_id
         assert (run.data.tags["method"], run.data.tags["ablation"]) == (method, "full")
         assert run.data.params["method.name"] == method
-        assert run_name(run) == f"{method}/full/{stage}/{task}"
+        assert run_name(run) == f"{method}/full/seed0/{stage}/{task}"
 
 
 def test_resume_with_another_method_is_a_conflict(store: str, base_cfg: dict) -> None:

@@ -104,22 +104,41 @@ def test_a_second_run_has_nothing_to_do(tiny_run: Path):
                                                 ("semvlp", ["mlm", "mop", "itm", "qa"])])
 def test_the_run_trained_both_stages_of_every_method_through_submitit(tiny_run: Path, method: str,
                                                                       objectives: list[str]):
-    stage2 = next(tiny_run.glob(f"results/*/{method}/full/pretrain_stage2"))
+    stage2 = next(tiny_run.glob(f"results/*/{method}/full/seed0/pretrain_stage2"))
     metrics = json.loads((stage2 / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["method"] == method and metrics["objectives"] == objectives
     # Zero-shot retrieval needs contrastive embeddings, which SemVLP has not.
     assert ("zero_shot" in metrics) == (method != "semvlp")
     if method != "semvlp":
         assert "tr_r_at_1" in metrics["zero_shot"]["recalls"]
-    assert list(tiny_run.glob(f"results/logs/pretrain_stage2/*/{method}/full.submitit/job.json"))
+    assert list(tiny_run.glob(f"results/logs/pretrain_stage2/*/{method}/full/seed0.submitit/job.json"))
     for task in TASKS:
-        assert next(tiny_run.glob(f"results/*/{method}/full/evaluate/{task}.json")).stat().st_size > 0
+        assert next(tiny_run.glob(f"results/*/{method}/full/seed0/evaluate/{task}.json")).stat().st_size > 0
+    grounding = json.loads(next(tiny_run.glob(f"results/*/{method}/full/seed0/evaluate/grounding.json")).read_text())
+    assert grounding["task"] == "grounding" and grounding["splits"]["test"]["phrases"]["object"] > 0
 
 
 def test_the_summary_has_a_row_per_method(tiny_run: Path):
     lines = next(tiny_run.glob("results/summary/*/ablations.md")).read_text().splitlines()
     assert lines[0].startswith("| method | ablation |")
     assert [line.split("|")[1:3] for line in lines[2:]] == [[f" {method} ", " full "] for method in METHODS]
+    stats = json.loads(next(tiny_run.glob("results/summary/*/statistics.json")).read_text())
+    assert list(stats["rows"]) == [f"{method}/full" for method in METHODS]
+    assert {"ground obj", "ITM hard-neg acc"} <= set(stats["metrics"])
+
+
+def test_seeds_are_a_wildcard_and_stage_one_is_shared_per_seed(tmp_path: Path):
+    proc = snakemake("-n", "--config", TINY, "methods=[mvptr]", "ablations=[full, no_wpg]", "seeds=[0, 1, 2]",
+                     workdir=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    counts = job_counts(proc.stdout)
+    # full and no_wpg differ in stage two only: one stage one per seed, one stage two per (ablation, seed).
+    assert counts["pretrain_stage1"] == 3 and counts["pretrain_stage2"] == 6, counts
+    assert all(counts[f"evaluate_{task}"] == 6 for task in (*TASKS, "grounding")), counts
+    assert counts["prepare_data"] == 1 and counts["summarize"] == 1, counts
+    for seed in (0, 1, 2):
+        assert f"/mvptr/no_wpg/seed{seed}/evaluate/grounding.json" in proc.stdout
+        assert f"train_seed={seed}" in proc.stdout
 
 
 def test_methods_and_ablations_share_exactly_the_stage_one_jobs_that_compute_the_same(tmp_path: Path):
@@ -157,7 +176,7 @@ def test_forcing_stage_two_reruns_only_stage_two(tiny_run: Path):
     n = len(METHODS)
     assert counts.pop("pretrain_stage2") == n and counts.pop("summarize") == 1 and counts.pop("all") == 1, counts
     assert counts.pop("dvc_export") == 1, counts  # DVC's stable-path metrics and plots (workflow/rules/dvc.smk)
-    assert counts == {f"evaluate_{task}": n for task in TASKS}
+    assert counts == {f"evaluate_{task}": n for task in (*TASKS, "grounding")}
 
 
 def test_a_stage_two_override_leaves_stage_one_and_the_data_alone(tiny_run: Path):
@@ -170,4 +189,4 @@ def test_a_stage_two_override_leaves_stage_one_and_the_data_alone(tiny_run: Path
     n = len(METHODS)
     assert counts.pop("pretrain_stage2") == n and counts.pop("summarize") == 1 and counts.pop("all") == 1, counts
     assert counts.pop("dvc_export") == 1, counts  # DVC's stable-path metrics and plots (workflow/rules/dvc.smk)
-    assert counts == {f"evaluate_{task}": n for task in TASKS}
+    assert counts == {f"evaluate_{task}": n for task in (*TASKS, "grounding")}

@@ -54,12 +54,11 @@ HEADLINE_NAME = "headline.md"
 # and the metric, the first of these present on the task's reported split (the last of EVAL_SPLITS: test, testB,
 # test1); retrieval's text-to-image R@1, re-ranked by ITM where that ran, and its ITM head's hard-negative
 # accuracy; grounding's accuracy per concept kind. The full table keeps every headline metric.
-HEADLINE = [("retrieval IR@1", "retrieval", ["fine_tuned_itm/ir_r_at_1", "fine_tuned_vsc/ir_r_at_1",
-                                              "zero_shot/ir_r_at_1"]),
-            ("ITM hard-neg acc", "retrieval", ["itm_hard_negative_accuracy"]),
-            ("VQA acc", "vqa", ["overall"]), ("VE acc", "ve", ["accuracy"]), ("REC acc", "rec", ["accuracy"]),
-            ("NLVR2 acc", "nlvr2", ["accuracy"]), ("ground obj", "grounding", ["object"]),
-            ("ground attr", "grounding", ["attribute"]), ("ground rel", "grounding", ["relation"])]
+HEADLINE = [("IR@1", "retrieval", ["fine_tuned_itm/ir_r_at_1", "fine_tuned_vsc/ir_r_at_1", "zero_shot/ir_r_at_1"]),
+            ("ITM", "retrieval", ["itm_hard_negative_accuracy"]), ("VQA", "vqa", ["overall"]),
+            ("VE", "ve", ["accuracy"]), ("REC", "rec", ["accuracy"]), ("NLVR2", "nlvr2", ["accuracy"]),
+            ("G-obj", "grounding", ["object"]), ("G-att", "grounding", ["attribute"]),
+            ("G-rel", "grounding", ["relation"])]
 
 
 class NoRunsError(DataError):

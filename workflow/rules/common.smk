@@ -10,6 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from mvptr.data.catalog import evaluable_tasks, load_source, needed_sources, web_sources
@@ -273,4 +274,25 @@ def dvc_exports():
         "results/dvc/metrics.json",
         "results/dvc/plots/losses",
         "results/dvc/plots/tasks.json",
+    ]
+
+
+STUDY_SEEDS = 3
+
+
+def study_outputs():
+    """What `snakemake study` builds: everything `all` does, with at least STUDY_SEEDS seeds."""
+    if len(SEEDS) < STUDY_SEEDS:
+        raise WorkflowError(
+            f"study: config key 'seeds' lists {len(SEEDS)} seed(s); the study needs at least {STUDY_SEEDS}: "
+            "run `snakemake study --configfile configs/study.yaml` (make study)"
+        )
+    return [
+        dataset_dir(),
+        *concept_outputs(),
+        regions_dir(),
+        *stage_outputs(),
+        *evaluation_outputs(),
+        *summary_outputs(),
+        *dvc_exports(),
     ]

@@ -29,6 +29,8 @@ rule pretrain_stage1:
         "../../environment.yml"
     # The trainer's torch threads on this machine (launch.cpus_per_task): jobs share the cores without thrashing.
     threads: trainer_threads("pretrain_stage1")
+    # The stages are the longest jobs and everything waits on them: started first whenever they can be.
+    priority: 10
     resources:
         **trainer_resources("pretrain_stage1"),
         # How the trainer is launched (launch.* and cadence overrides): a resource, not a param, so that a
@@ -71,6 +73,7 @@ rule pretrain_stage2:
     conda:
         "../../environment.yml"
     threads: trainer_threads("pretrain_stage2")
+    priority: 10
     resources:
         **trainer_resources("pretrain_stage2"),
         launch=LAUNCH_ARGS,

@@ -203,6 +203,8 @@ def _train(cfg: Mapping[str, Any], stage: int, model: VLModel, objectives: list[
     generator = torch.Generator().manual_seed(derive_seed(seed, "objectives"))
     step = PretrainStep(model, objectives, pcfg["objectives"], generator, **momentum_options(cfg))
     step_module = distribute(step, env)
+    # launch.compile: the same module, its forward compiled (no_sync and train stay the wrapped module's).
+    forward = torch.compile(step_module) if cfg["launch"]["compile"] else step_module
     optimizer, scheduler = build_optimizer(model, scfg)
     state = load_state(ckpt_dir, 0)
     start, history, window = 0, [], []
@@ -227,7 +229,8 @@ def _train(cfg: Mapping[str, Any], stage: int, model: VLModel, objectives: list[
                          f"{accum} x {env.world_size} ranks")
     loader = DataLoader(pairs, batch_sampler=_micro_batches(len(pairs), scfg["batch_size"], micro, start, end, cfg,
                                                            env), collate_fn=collate,
-                        num_workers=pcfg["num_workers"],
+                        num_workers=pcfg["num_workers"], pin_memory=env.device.type == "cuda",
+                        persistent_workers=pcfg["num_workers"] > 0,
                         # Its own generator: a loader draws its workers' base seed when iterated, and a draw from
                         # the global generator would shift every later dropout mask of a resumed run.
                         generator=torch.Generator().manual_seed(derive_seed(seed, "loader")))
@@ -242,7 +245,7 @@ def _train(cfg: Mapping[str, Any], stage: int, model: VLModel, objectives: list[
             sync = k == accum - 1 or env.world_size == 1
             context = step_module.no_sync() if not sync else contextlib.nullcontext()
             with context, torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss, logs = step_module(batch, step=index)
+                loss, logs = forward(batch, step=index)
                 (loss / accum).backward()
             window.append({k2: float(v) for k2, v in logs.items()})
         if pcfg["grad_clip"] > 0:

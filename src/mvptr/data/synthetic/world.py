@@ -35,7 +35,7 @@ from mvptr.data.synthetic.render import outline, png_bytes, render_scene
 from mvptr.data.synthetic.scene import CATEGORY_IDS, Scene, sample_scenes
 from mvptr.data.synthetic.tasks import INFO, LICENSE, SPLITS, TaskFile, build_tasks
 
-SIZES: dict[str, int] = {"tiny": 40, "small": 300, "default": 800}
+SIZES: dict[str, int] = {"tiny": 40, "small": 300, "default": 600}
 FORMAT_VERSION = 1
 # Independent random streams, so that changing e.g. the caption templates leaves the scenes and
 # pixels of a seed unchanged.
