@@ -9,7 +9,8 @@ import pytest
 import yaml
 from conftest import ROOT, run_mvptr
 
-from mvptr.config import compose, config_hash, dataset_dir, load_config, overrides_from, parse_overrides, read_yaml
+from mvptr.config import (compose, config_hash, dataset_dir, load_config, overrides_from, parse_overrides, read_yaml,
+                          step_keys)
 from mvptr.errors import ConfigError
 
 
@@ -228,3 +229,13 @@ def test_a_bad_model_option_is_refused_naming_the_key(override: str, words: list
         assert word in str(err.value)
     proc = run_mvptr("config", "show", override)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and words[0] in proc.stderr
+
+
+def test_train_seed_moves_training_but_not_the_data():
+    """The workflow's `seeds` set train_seed per run: the world, concepts and regions must stay one build."""
+    base, other = load_config(root=ROOT), load_config(["train_seed=1"], root=ROOT)
+    assert dataset_dir(base) == dataset_dir(other)
+    for step in ("data", "concepts", "regions"):
+        assert config_hash(base, step_keys(base, step)) == config_hash(other, step_keys(other, step)), step
+    for step in ("stage1", "stage2", "evaluate"):
+        assert config_hash(base, step_keys(base, step)) != config_hash(other, step_keys(other, step)), step

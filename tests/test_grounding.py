@@ -29,7 +29,8 @@ SCENE = [{"id": 1, "shape": "circle", "colour": "red", "size": "small", "bbox": 
     ("objects", "circle", [1, 3]), ("objects", "star", []),
     ("attributes", "red circle", [1]), ("attributes", "large circle", [3]), ("attributes", "two circle", [1, 3]),
     ("attributes", "green square", []), ("attributes", "shiny circle", []),
-    ("relations", "circle left of square", [1, 3]), ("relations", "square right of circle", [2]),
+    ("relations", "circle left of square", [1]), ("relations", "circle below square", [3]),
+    ("relations", "square right of circle", [2]),
     ("relations", "square left of circle", []), ("relations", "circle above square", []),
 ])
 def test_gold_objects_of_each_kind(kind: str, key: str, ids: list[int]) -> None:

@@ -168,14 +168,16 @@ def test_resume_checks_identity_and_unknown_id_starts_a_new_run(store: str, base
 def test_parent_is_found_by_tag_and_the_oldest_wins(store: str, base_cfg: dict) -> None:
     mc = tracking.client(store)
     experiment_id = tracking.get_or_create_experiment(mc, tracking.experiment_name(base_cfg))
-    tags = {tracking.PARENT_TAG: "1", "method": "mvptr", "ablation": "full"}
+    tags = {tracking.PARENT_TAG: "1", "method": "mvptr", "ablation": "full", "seed": "0"}
     older = mc.create_run(experiment_id, start_time=1_000, tags=tags).info.run_id  # e.g. two racing jobs
     mc.create_run(experiment_id, start_time=2_000, tags=tags)
     mc.create_run(experiment_id, start_time=500, tags={tracking.PARENT_TAG: "1", "method": "mvptr",
-                                                       "ablation": "other"})
+                                                       "ablation": "other", "seed": "0"})
+    # the same (method, ablation) with another training seed, and older: another run's parent
+    mc.create_run(experiment_id, start_time=200, tags={**tags, "seed": "1"})
     # the same ablation of another method, and older: not this run's parent
     mc.create_run(experiment_id, start_time=100, tags={tracking.PARENT_TAG: "1", "method": "simla",
-                                                       "ablation": "full"})
+                                                       "ablation": "full", "seed": "0"})
     child = tracking.open_run(base_cfg, stage="evaluate", task="vqa")
     assert mc.get_run(child).data.tags[tracking.PARENT_RUN_ID_TAG] == older
 

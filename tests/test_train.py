@@ -74,7 +74,7 @@ def test_same_seed_gives_identical_losses_and_every_task_is_logged(artifacts, st
     second = train_stage(cfg, 2, paths(artifacts, tmp_path / "b", stage1), log=quiet)
     assert [h["loss"] for h in first["history"]] == [h["loss"] for h in second["history"]]
     assert {"loss_vsc", "loss_itm", "loss_mlm", "loss_wpg", "lr", "samples_per_s"} <= set(first["history"][0])
-    other = train_stage(load_config([*SMALL, "pretrain.stage2.steps=4", "seed=1"]), 2,
+    other = train_stage(load_config([*SMALL, "pretrain.stage2.steps=4", "train_seed=1"]), 2,
                         paths(artifacts, tmp_path / "c", stage1), log=quiet)
     assert [h["loss"] for h in other["history"]] != [h["loss"] for h in first["history"]]
 

@@ -203,8 +203,8 @@ def _train(cfg: Mapping[str, Any], stage: int, model: VLModel, objectives: list[
     generator = torch.Generator().manual_seed(derive_seed(seed, "objectives"))
     step = PretrainStep(model, objectives, pcfg["objectives"], generator, **momentum_options(cfg))
     step_module = distribute(step, env)
-    # launch.compile: the same module, its forward compiled (no_sync and train stay the wrapped module's).
-    forward = torch.compile(step_module) if cfg["launch"]["compile"] else step_module
+    # pretrain.compile: the same module, its forward compiled (no_sync and train stay the wrapped module's).
+    forward = torch.compile(step_module) if pcfg["compile"] else step_module
     optimizer, scheduler = build_optimizer(model, scfg)
     state = load_state(ckpt_dir, 0)
     start, history, window = 0, [], []
