@@ -150,7 +150,8 @@ class LaunchSettings:
     slurm_extra: str | None = None  # further sbatch options, e.g. "--exclusive --comment=mvptr"
     max_resubmissions: int = 3  # a preempted/timed-out/vanished job is resubmitted (it resumes from its checkpoint)
     deterministic: bool = False  # pinned CPU kernels: the same bits on any x86-64 CPU (mvptr.launch.determinism)
-    poll_seconds: float = 1.0
+    # Result files are checked this often: a cheap stat; a short job would otherwise wait up to a second for it.
+    poll_seconds: float = 0.25
 
     def __post_init__(self) -> None:
         if self.cluster not in CLUSTERS:
