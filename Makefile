@@ -15,10 +15,10 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 TORCH_SPEC ?= torch==$(TORCH_VERSION)
-# Snakemake jobs at once (--cores): every GPU-class job is one torch thread (launch.cpus_per_task: 1) that waits
-# about a third of its time (process start, polling, MLflow writes: cpu_time / wall 0.68 over the demo's jobs in
-# results/benchmarks/rules/), so 3 of them keep the demo machine's 2 cores busy.
-CORES ?= 3
+# Snakemake jobs at once (--cores): every GPU-class job is one torch thread (launch.cpus_per_task: 1). Two at a
+# time on the demo machine's 2 cores (three at once measured slower: 64% of the jobs done in 9 minutes, against 10
+# minutes for all of them two at a time).
+CORES ?= 2
 # The stamp's name carries the torch choice, so a new TORCH_SPEC reinstalls.
 STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH_SPEC)' | sha1sum | cut -c1-10)
 BIN := $(abspath $(VENV))/bin
