@@ -69,6 +69,8 @@ rule study:
         directory("results/study"),
     log:
         "results/logs/study.log",
+    conda:
+        "environment.yml"
     params:
         summary=f"results/summary/{DATASET}",
     shell:

@@ -207,7 +207,8 @@ def summary_outputs():
 def config_args(keys, run=None):
     """`--root` and the overrides under `keys` but not under RUN_KEYS (plus `method.name=<m> ablation=<a>
     train_seed=<s>` of a (method, ablation, seed) run) to hand to `mvptr`, shell-quoted: a rule's command may run
-    in another working directory (--directory, a cluster node) and composes the same config from them."""
+    in another working directory (--directory, a cluster node) and composes the same config from them.
+    """
     extra = (
         [f"method.name={run[0]}", f"ablation={run[1]}", f"train_seed={run[2]}"]
         if run
@@ -238,7 +239,8 @@ def trainer_resources(rule):
 
 def trainer_threads(rule):
     """The cores of this machine a GPU rule's job takes: its trainer's torch threads (launch.cpus_per_task, and
-    launch.rules.<rule>) when it runs here (local, debug); 1 when it runs on SLURM nodes (the rule only waits)."""
+    launch.rules.<rule>) when it runs here (local, debug); 1 when it runs on SLURM nodes (the rule only waits).
+    """
     launch = {**CONFIG["launch"], **(CONFIG["launch"].get("rules") or {}).get(rule, {})}
     return 1 if CONFIG["launch"]["cluster"] == "slurm" else launch["cpus_per_task"]
 

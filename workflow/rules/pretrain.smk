@@ -23,14 +23,14 @@ rule pretrain_stage1:
         "results/logs/pretrain_stage1/{dataset}/stage1-{stage1}.log",
     benchmark:
         "results/benchmarks/rules/pretrain_stage1/{dataset}/stage1-{stage1}.tsv"
+    # The stages are the longest jobs and everything waits on them: started first whenever they can be.
+    priority: 10
     # Runs on the head job under the SLURM profile: its submitit trainer is the step's only allocation.
     localrule: True
     conda:
         "../../environment.yml"
     # The trainer's torch threads on this machine (launch.cpus_per_task): jobs share the cores without thrashing.
     threads: trainer_threads("pretrain_stage1")
-    # The stages are the longest jobs and everything waits on them: started first whenever they can be.
-    priority: 10
     resources:
         **trainer_resources("pretrain_stage1"),
         # How the trainer is launched (launch.* and cadence overrides): a resource, not a param, so that a
@@ -68,12 +68,12 @@ rule pretrain_stage2:
         "results/logs/pretrain_stage2/{dataset}/{method}/{ablation}/seed{seed}.log",
     benchmark:
         "results/benchmarks/rules/pretrain_stage2/{dataset}/{method}/{ablation}/seed{seed}.tsv"
+    priority: 10
     # Runs on the head job under the SLURM profile: its submitit trainer is the step's only allocation.
     localrule: True
     conda:
         "../../environment.yml"
     threads: trainer_threads("pretrain_stage2")
-    priority: 10
     resources:
         **trainer_resources("pretrain_stage2"),
         launch=LAUNCH_ARGS,
