@@ -58,6 +58,7 @@ class TaskPaths(Artifacts):
     weights: Path  # the model to fine-tune (model.safetensors of a pre-training stage, or never trained)
     save_to: Path | None = None
     run_dir: Path | None = None  # MLflow: the run id is kept in run_dir/RUN_FILE; None: nothing is logged
+    task_concepts: Path | None = None  # {text: scene graph} of the task texts (`mvptr concepts tasks`); None: parse
 
 
 def add_artifact_arguments(parser: argparse.ArgumentParser) -> None:

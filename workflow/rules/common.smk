@@ -52,6 +52,8 @@ STAGE1 = {run: config_hash(cfg, step_keys(cfg, "stage1")) for run, cfg in RUNS.i
 EVAL_TASKS, LEFT_OUT = evaluable_tasks(CONFIG)
 for _task, _why in LEFT_OUT.items():
     print(f"mvptr: evaluate_{_task} left out: {_why}", file=sys.stderr)
+# The evaluated tasks whose examples carry a text (all but retrieval): parsed once by task_concepts.
+TEXT_TASKS = [task for task in EVAL_TASKS if task != "retrieval"]
 # Zero-shot grounding reads the gold scenes that only the synthetic world has (workflow/rules/evaluate.smk).
 GROUNDING = ["grounding"] if CONFIG["dataset"]["name"] == "synthetic" else []
 # Every task of the summary (a chart each).

@@ -1,4 +1,5 @@
-"""Concept rules: parse captions into scene-graph concepts, score the parser, build the concept vocabulary."""
+"""Concept rules: parse captions into scene-graph concepts, score the parser, build the concept vocabulary, and
+parse the downstream task texts once for every evaluation (task_concepts)."""
 
 
 rule extract_concepts:
@@ -17,6 +18,26 @@ rule extract_concepts:
         config=config_args(CONCEPT_KEYS),
     shell:
         "mvptr concepts extract --dataset {input:q} --out {output:q} --n-process {threads} "
+        "{params.config} > {log:q} 2>&1"
+
+
+rule task_concepts:
+    input:
+        "resources/datasets/{dataset}",
+    output:
+        "results/{dataset}/concepts/task_concepts.json",
+    log:
+        "results/logs/task_concepts/{dataset}.log",
+    benchmark:
+        "results/benchmarks/rules/task_concepts/{dataset}.tsv"
+    conda:
+        "../../environment.yml"
+    threads: 2
+    params:
+        tasks=TEXT_TASKS,
+        config=config_args(CONCEPT_KEYS),
+    shell:
+        "mvptr concepts tasks --dataset {input:q} --tasks {params.tasks} --out {output:q} --n-process {threads} "
         "{params.config} > {log:q} 2>&1"
 
 

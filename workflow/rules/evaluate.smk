@@ -17,6 +17,11 @@ for task in EVAL_TASKS:
             vocab="results/{dataset}/concepts/concept_vocab.json",
             regions="results/{dataset}/regions",
             weights="results/{dataset}/{method}/{ablation}/seed{seed}/pretrain_stage2/model.safetensors",
+            task_concepts=(
+                ["results/{dataset}/concepts/task_concepts.json"]
+                if task in TEXT_TASKS
+                else []
+            ),
         output:
             f"results/{{dataset}}/{{method}}/{{ablation}}/seed{{seed}}/evaluate/{task}.json",
         log:
@@ -40,7 +45,12 @@ for task in EVAL_TASKS:
             "MVPTR_RULE=evaluate_{params.task:q} mvptr evaluate run --task {params.task:q} "
             "--dataset {input.dataset:q} --concepts {input.concepts:q} --vocab {input.vocab:q} "
             "--regions {input.regions:q} --weights {input.weights:q} --job-dir {params.job_dir:q} "
-            "--out {output:q} {params.config} {resources.launch} "
+            + (
+                "--task-concepts {input.task_concepts:q} "
+                if task in TEXT_TASKS
+                else ""
+            )
+            + "--out {output:q} {params.config} {resources.launch} "
             + trainer_args(f"evaluate_{task}")
             + " > {log:q} 2>&1"
 

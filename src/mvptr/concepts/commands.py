@@ -3,9 +3,11 @@
     mvptr concepts extract --dataset DIR --out concepts.json [--n-process N] [key=value ...]
     mvptr concepts quality --dataset DIR --concepts concepts.json --out quality.json [key=value ...]
     mvptr concepts vocab   --dataset DIR --concepts concepts.json --out vocab.json [key=value ...]
+    mvptr concepts tasks   --dataset DIR --tasks vqa ve rec nlvr2 --out task_concepts.json [--n-process N]
 
 `extract` writes {caption id: {"image_id", "text", "objects", "attributes", "relations", "spans"}} for every
-caption of the prepared dataset; `quality` needs the dataset's gold tuples (`annotations/scene_graphs.json`,
+caption of the prepared dataset; `tasks` {text: scene graph} for every text of the downstream task files, which
+the evaluations read instead of parsing them in every job; `quality` needs the dataset's gold tuples (`annotations/scene_graphs.json`,
 which the synthetic world has); `vocab` counts the training split only. spaCy and transformers are imported
 inside the commands so that `mvptr --help` stays fast.
 """
@@ -80,6 +82,24 @@ def cmd_extract(args: argparse.Namespace) -> None:
     atomic_write_json(args.out, out)
     totals = {kind: sum(len(r[kind]) for r in out.values()) for kind in KINDS}
     print(json.dumps({"captions": len(out), **totals}, sort_keys=True))
+
+
+def cmd_tasks(args: argparse.Namespace) -> None:
+    """The scene graphs of every downstream task text, keyed by the text: the evaluations read them instead of
+    loading spaCy and parsing the same questions, hypotheses, expressions and statements once per job."""
+    from mvptr.concepts.parser import SceneGraphParser
+    from mvptr.data.task_files import task_texts
+
+    cfg = config_from_args(args)["concepts"]
+    texts = task_texts(args.dataset, args.tasks)
+    try:
+        parser = SceneGraphParser(cfg["spacy_model"], batch_size=cfg["batch_size"], n_process=args.n_process or
+                                  cfg["n_process"])
+    except OSError as err:
+        raise ConfigError(f"config key 'concepts.spacy_model': {err}") from err
+    graphs = parser.parse(texts)
+    atomic_write_json(args.out, {text: graph.to_json() for text, graph in zip(texts, graphs, strict=True)})
+    print(json.dumps({"texts": len(texts), "tasks": args.tasks}))
 
 
 def cmd_quality(args: argparse.Namespace) -> None:
@@ -160,3 +180,11 @@ def register(groups: argparse._SubParsersAction) -> None:
     vocab.add_argument("--out", type=Path, required=True, help="vocabulary JSON to write")
     add_config_arguments(vocab)
     vocab.set_defaults(func=cmd_vocab)
+
+    tasks = concepts.add_parser("tasks", help="parse every text of the downstream task files into concepts")
+    tasks.add_argument("--dataset", type=Path, required=True, help="prepared dataset folder")
+    tasks.add_argument("--tasks", nargs="+", required=True, choices=["vqa", "ve", "rec", "nlvr2"])
+    tasks.add_argument("--out", type=Path, required=True, help="{text: scene graph} JSON to write")
+    tasks.add_argument("--n-process", type=positive_int, default=None, help="spaCy processes (default concepts.n_process)")
+    add_config_arguments(tasks)
+    tasks.set_defaults(func=cmd_tasks)

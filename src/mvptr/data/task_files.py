@@ -25,7 +25,7 @@ Use:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,6 +243,18 @@ def read_nlvr2(dataset_dir: Path, split: str, by_file: Mapping[str, int] | None 
         examples.append(NLVR2Example(identifier, left, right, _text(record, "sentence", path),
                                      NLVR2_LABELS.index(label)))
     return examples
+
+
+# The text an example of each example task carries (what is parsed into concepts and encoded like a caption).
+TEXT_FIELD = {"vqa": "question", "ve": "hypothesis", "rec": "expression", "nlvr2": "sentence"}
+
+
+def task_texts(dataset_dir: Path | str, tasks: Sequence[str]) -> list[str]:
+    """Every distinct text of the training and evaluation splits of `tasks` (example tasks), sorted."""
+    by_file = image_ids_by_file(dataset_dir)
+    return sorted({getattr(example, TEXT_FIELD[task]) for task in tasks
+                   for split in (TRAIN_SPLIT[task], *EVAL_SPLITS[task])
+                   for example in read_task(dataset_dir, task, split, by_file)})
 
 
 def read_task(dataset_dir: Path | str, task: str, split: str,

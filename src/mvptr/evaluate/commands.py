@@ -73,8 +73,11 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(note, flush=True)
         cfg["evaluate"][args.task]["batch_size"] = size
     job_dir = args.job_dir.resolve()
+    if args.task_concepts is not None and not args.task_concepts.is_file():
+        raise DataError(f"--task-concepts {args.task_concepts}: no such file")
     paths = TaskPaths(**artifacts, weights=args.weights.resolve(),
-                      save_to=job_dir / SAVED_WEIGHTS if args.model_out else None, run_dir=job_dir)
+                      save_to=job_dir / SAVED_WEIGHTS if args.model_out else None, run_dir=job_dir,
+                      task_concepts=args.task_concepts.resolve() if args.task_concepts else None)
     settings = LaunchSettings.from_config(cfg["launch"], rule=f"evaluate_{args.task}")
     print(f"launch evaluate_{args.task} on {settings.describe()}", flush=True)
     try:
@@ -127,6 +130,8 @@ def register(groups: argparse._SubParsersAction) -> None:
                      help="model.safetensors to fine-tune (pre-trained, or never trained)")
     run.add_argument("--out", type=Path, required=True, help="metrics JSON")
     run.add_argument("--model-out", type=Path, default=None, help="where to save the fine-tuned model and head")
+    run.add_argument("--task-concepts", type=Path, default=None,
+                     help="scene graphs of the task texts (`mvptr concepts tasks`); without it they are parsed here")
     add_config_arguments(run)
     run.set_defaults(func=cmd_run)
     ground = evaluate.add_parser("grounding", help="zero-shot phrase-to-region grounding on the gold boxes (in-process)")

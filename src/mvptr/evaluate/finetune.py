@@ -118,6 +118,8 @@ class Resources:
         self.text_encoder = TextEncoder(self.inputs.tokenizer, read_json(paths.vocab), pcfg["max_words"],
                                         pcfg["max_concepts"])
         self.texts: dict[str, EncodedText] = {}
+        # Scene graphs of the task texts, parsed once for every evaluation (`mvptr concepts tasks`), if given.
+        self.parsed: dict[str, Any] = read_json(paths.task_concepts) if paths.task_concepts is not None else {}
         self._images: dict[int, dict[str, Any]] = {}
         self.track: Callable[[Mapping[str, float], int], None] | None = None  # step metrics to MLflow
 
@@ -135,16 +137,20 @@ class Resources:
         return self.to_device(collate_image([self.image_item(i) for i in image_ids]))
 
     def encode_texts(self, texts: Sequence[str]) -> None:
-        """Parse and encode every text not seen yet (each distinct text once)."""
-        from mvptr.concepts.parser import SceneGraphParser
-
+        """Encode every text not seen yet (each distinct text once), with its scene graph from the task concepts
+        file (`mvptr concepts tasks`) where it has the text, else parsed here."""
         new = sorted(set(texts) - set(self.texts))
         if not new:
             return
-        ccfg = self.cfg["concepts"]
-        parser = SceneGraphParser(ccfg["spacy_model"], batch_size=ccfg["batch_size"], n_process=1)
-        graphs = [graph.to_json() for graph in parser.parse(new)]
-        self.texts.update(zip(new, self.text_encoder.encode_many(new, graphs), strict=True))
+        graphs = dict.fromkeys(new) | {t: self.parsed[t] for t in new if t in self.parsed}
+        missing = [t for t, graph in graphs.items() if graph is None]
+        if missing:
+            from mvptr.concepts.parser import SceneGraphParser
+
+            ccfg = self.cfg["concepts"]
+            parser = SceneGraphParser(ccfg["spacy_model"], batch_size=ccfg["batch_size"], n_process=1)
+            graphs.update(zip(missing, (graph.to_json() for graph in parser.parse(missing)), strict=True))
+        self.texts.update(zip(new, self.text_encoder.encode_many(new, [graphs[t] for t in new]), strict=True))
 
     def text_batch(self, texts: Sequence[str]) -> Batch:
         items = [{"input_ids": enc.input_ids, "concept_mask": enc.concept_mask, "concept_links": enc.concept_links,
