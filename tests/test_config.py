@@ -9,8 +9,16 @@ import pytest
 import yaml
 from conftest import ROOT, run_mvptr
 
-from mvptr.config import (compose, config_hash, dataset_dir, load_config, overrides_from, parse_overrides, read_yaml,
-                          step_keys)
+from mvptr.config import (
+    compose,
+    config_hash,
+    dataset_dir,
+    load_config,
+    overrides_from,
+    parse_overrides,
+    read_yaml,
+    step_keys,
+)
 from mvptr.errors import ConfigError
 
 
