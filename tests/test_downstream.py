@@ -313,3 +313,30 @@ def test_a_fine_tuning_batch_larger_than_the_task_is_capped_before_submission_an
     assert (f"mvptr: evaluate.ve.batch_size is {examples + 50} but the data has {examples} training item(s)"
             in proc.stdout)
     assert json.loads(out.read_text())["train"]["batch_size"] == examples
+
+
+def test_task_texts_are_parsed_once_and_read_from_the_task_concepts_file(stage0, tmp_path):
+    """`mvptr concepts tasks` parses every task text as the evaluation would; the evaluation then takes the
+    graphs from that file (a graph edited there is the one encoded) and parses only the texts it lacks."""
+    from mvptr.evaluate.finetune import Resources
+
+    out = tmp_path / "task_concepts.json"
+    run_mvptr("concepts", "tasks", "--dataset", str(stage0["dataset"]), "--tasks", "vqa", "ve", "rec", "nlvr2",
+              "--out", str(out), "--n-process", "1", check=True)
+    parsed = json.loads(out.read_text())
+    questions = sorted({ex.question for ex in task_files.read_task(stage0["dataset"], "vqa", "train")})
+    assert set(questions) <= set(parsed)
+    cfg = load_config(SMALL)
+    artifacts = {k: stage0[k] for k in ("dataset", "concepts", "vocab", "regions", "weights")}
+    fresh = Resources(cfg, TaskPaths(**artifacts), torch.device("cpu"))
+    fresh.encode_texts(questions)
+    edited = next(q for q in questions if fresh.texts[q].concept_mask.any())
+    missing = next(q for q in questions if q != edited)
+    parsed[edited] = {**parsed[edited], "objects": [], "attributes": [], "relations": [],
+                      "spans": {"objects": [], "attributes": [], "relations": []}}
+    del parsed[missing]
+    out.write_text(json.dumps(parsed))
+    cached = Resources(cfg, TaskPaths(**artifacts, task_concepts=out), torch.device("cpu"))
+    cached.encode_texts([edited, missing])
+    assert not cached.texts[edited].concept_mask.any()  # the file's (edited) graph, not a fresh parse
+    assert (cached.texts[missing].input_ids == fresh.texts[missing].input_ids).all()  # parsed here
