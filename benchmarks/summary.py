@@ -50,9 +50,11 @@ def rows(folder: Path) -> list[tuple[str, str, str, str]]:
     dry = load("dryrun.json")
     if dry:
         for row in dry["rows"]:
-            out.append((f"snakemake -n, {row['ablations']} ablations x {row['seeds']} seeds ({row['jobs']} jobs)",
-                        f"{row['seconds']:.1f} s", "< 10 s" if row is dry["rows"][-1] else "",
-                        _met(row["seconds"] < dry["target_s"]) if row is dry["rows"][-1] else ""))
+            last = row is dry["rows"][-1]
+            out.append((f"snakemake -n, {row['ablations']} ablations x {row['seeds']} seeds ({row['jobs']} jobs): "
+                        f"the workflow's own seconds (less Snakemake's start, {dry['snakemake_start_s']:.1f} s here)",
+                        f"{row['workflow_s']:.1f} s ({row['seconds']:.1f} s in all)", "< 10 s" if last else "",
+                        _met(row["workflow_s"] < dry["target_s"]) if last else ""))
     return out
 
 

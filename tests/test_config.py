@@ -247,3 +247,12 @@ def test_train_seed_moves_training_but_not_the_data():
         assert config_hash(base, step_keys(base, step)) == config_hash(other, step_keys(other, step)), step
     for step in ("stage1", "stage2", "evaluate"):
         assert config_hash(base, step_keys(base, step)) != config_hash(other, step_keys(other, step)), step
+
+
+def test_a_list_of_numbers_from_snakemake_config_is_numbers():
+    """Snakemake's --config reads `seeds=[0, 1, 2]` with YAML's BaseLoader: ['0', '1', '2']."""
+    base = read_yaml(ROOT / "configs" / "default.yaml")
+    sm_config = {**base, "seeds": ["0", "1", "2"], "ablations": ["full", "no_wpg"]}
+    overrides = overrides_from(sm_config, base)
+    assert sorted(overrides) == ["ablations=[full, no_wpg]", "seeds=[0, 1, 2]"]
+    assert compose(base, overrides, ROOT)["seeds"] == [0, 1, 2]

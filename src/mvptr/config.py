@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -61,6 +62,14 @@ SCHEMAS = Path(__file__).resolve().parent / "schemas"  # package data: the libra
 def schema_path(root: Path | None = None) -> Path:
     """The config schema. It ships in the package, so `root` (a project folder) does not change it."""
     return SCHEMAS / "config.schema.yaml"
+
+
+@functools.lru_cache(maxsize=4)
+def load_schema(path: Path | None = None) -> Any:
+    """The parsed config schema (default the packaged one), read once per process: the workflow classifies and
+    validates the config of every run, and parsing the YAML each time made a 300-run dry run take minutes.
+    Callers must not modify it (`with_objectives` works on a copy)."""
+    return read_yaml(path or schema_path())
 
 
 def read_yaml(path: Path) -> Any:
@@ -139,14 +148,18 @@ def format_override(key: str, value: Any) -> str:
 def overrides_from(config: Mapping[str, Any], base: Mapping[str, Any]) -> list[str]:
     """The `key=value` overrides that turn `base` into `config` (e.g. Snakemake's --config/--configfile).
 
-    Snakemake parses `--config` values with YAML's BaseLoader, so numbers arrive as strings; each changed
-    string leaf is parsed again as YAML, the same way `parse_overrides` reads the command line.
+    Snakemake parses `--config` values with YAML's BaseLoader, so numbers arrive as strings (`seeds=[0, 1]` as
+    ['0', '1']); each changed string leaf, and each string item of a list whose base holds no strings, is parsed
+    again as YAML, the same way `parse_overrides` reads the command line.
     """
     base_flat = flatten(base)
     out = []
     for key, value in flatten(config).items():
-        if isinstance(value, str) and not isinstance(base_flat.get(key), str):
+        known = base_flat.get(key)
+        if isinstance(value, str) and not isinstance(known, str):
             value = yaml.safe_load(value) if value else None
+        elif isinstance(value, list) and isinstance(known, list) and known and not any(isinstance(v, str) for v in known):
+            value = [yaml.safe_load(v) if isinstance(v, str) and v else v for v in value]
         if key not in base_flat or base_flat[key] != value:
             out.append(format_override(key, value))
     return out
@@ -288,7 +301,7 @@ def with_objectives(schema: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[s
 
 def validate(cfg: Mapping[str, Any], schema_file: Path | None = None) -> None:
     """Raise ConfigError listing every invalid key with what it accepts."""
-    schema = with_objectives(read_yaml(schema_file or schema_path()), cfg)
+    schema = with_objectives(load_schema(schema_file), cfg)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(cfg), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
@@ -328,7 +341,7 @@ def leaf_class(cfg: Mapping[str, Any], key: str, schema: Mapping[str, Any] | Non
     """The class (LEAF_CLASSES) of a dotted config leaf: the `x-affects` of its nearest annotated schema node;
     an objective's option is stage1 when the objective is uni-modal and the schedule two_stage, else stage2.
     ConfigError when the leaf has none (every leaf must be classified, see tests/test_config.py)."""
-    node: Mapping[str, Any] | None = schema if schema is not None else read_yaml(schema_path())
+    node: Mapping[str, Any] | None = schema if schema is not None else load_schema()
     found = None
     parts = key.split(".")
     for depth, part in enumerate(parts):
@@ -349,7 +362,7 @@ def leaf_class(cfg: Mapping[str, Any], key: str, schema: Mapping[str, Any] | Non
 
 def classify(cfg: Mapping[str, Any], schema: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Every leaf of the config -> its class."""
-    schema = schema if schema is not None else read_yaml(schema_path())
+    schema = schema if schema is not None else load_schema()
     return {key: leaf_class(cfg, key, schema) for key in flatten(cfg)}
 
 

@@ -47,7 +47,21 @@ RUNS = {
     for (method, ablation), cfg in PAIRS.items()
     for seed in SEEDS
 }
-STAGE1 = {run: config_hash(cfg, step_keys(cfg, "stage1")) for run, cfg in RUNS.items()}
+_PAIR_STEP_KEYS = {}
+
+
+def pair_step_keys(method, ablation, step):
+    """The config keys `step` depends on for a (method, ablation) (the same whatever the seed), computed once."""
+    key = (method, ablation, step)
+    if key not in _PAIR_STEP_KEYS:
+        _PAIR_STEP_KEYS[key] = step_keys(PAIRS[(method, ablation)], step)
+    return _PAIR_STEP_KEYS[key]
+
+
+STAGE1 = {
+    run: config_hash(cfg, pair_step_keys(run[0], run[1], "stage1"))
+    for run, cfg in RUNS.items()
+}
 # The evaluate.tasks the dataset has files for; each one left out is said once, before any job runs.
 EVAL_TASKS, LEFT_OUT = evaluable_tasks(CONFIG)
 for _task, _why in LEFT_OUT.items():
@@ -177,13 +191,15 @@ def stage1_args(wildcards):
     """Stage one's command gets only the overrides of the keys its hash covers, so that a stage-two override
     neither changes its path nor its params (a rerun trigger)."""
     run = stage1_run(wildcards)
-    return config_args(step_keys(RUNS[run], "stage1"), run)
+    return config_args(pair_step_keys(run[0], run[1], "stage1"), run)
 
 
 def step_args(step):
-    """The params function of a per-(method, ablation, seed) rule: the overrides of the keys `step` depends on."""
+    """The params function of a per-(method, ablation, seed) rule: the overrides of the keys `step` depends on
+    (the keys of a (method, ablation), whatever its seed: computed once)."""
     return lambda wildcards: config_args(
-        step_keys(RUNS[wildcard_run(wildcards)], step), wildcard_run(wildcards)
+        pair_step_keys(wildcards.method, wildcards.ablation, step),
+        wildcard_run(wildcards),
     )
 
 
