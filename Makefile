@@ -60,7 +60,7 @@ demo: $(STAMP)
 	@cat results/summary/*/headline.md
 
 # Each benchmark against its limit, one after another (each times its sides in one run; both cores each), then the
-# table of ratios and targets (benchmarks/summary.py). About 10 minutes on 2 cores.
+# table of ratios and targets (benchmarks/summary.py). About 3 minutes on 2 cores.
 bench: $(STAMP)
 	for method in mvptr simla semvlp; do $(RUN) python benchmarks/bench_step.py --method $$method --steps 5 > /dev/null; done
 	$(RUN) python benchmarks/bench_concepts.py > /dev/null

@@ -118,7 +118,7 @@ def test_repro_reruns_only_what_changed_round_trips_and_runs_experiments(tmp_pat
     seed3 = next(run["revs"][0]["data"] for run in exps if run.get("name") == "seed3")
     assert seed3["params"]["configs/default.yaml"]["data"]["seed"] == 3
     metrics = seed3["metrics"]["results/dvc/metrics.json"]["data"]
-    assert {"retrieval", "vqa", "ve", "rec", "nlvr2"} <= {key.split("/")[2] for key in metrics}, metrics
+    assert {"retrieval", "vqa", "ve", "rec", "nlvr2"} <= {key.split("/")[3] for key in metrics}, metrics
 
 
 def _overrides() -> list[str]:

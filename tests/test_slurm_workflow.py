@@ -65,8 +65,9 @@ def test_slurm_run_is_accounted_and_equals_the_local_run(slurm: None, tmp_path: 
     # MVPTR's full run only: its 7 trainer jobs share the one fake GPU (more methods would only queue longer).
     config = [item if not item.startswith("methods=") else "methods=[mvptr]" for item in FAST]
     assert config != FAST
+    # The local trainers with the SLURM profile's torch threads (launch.yaml: 2): other threads, other float bits.
     proc = snakemake("--cores", "2", "--workflow-profile", str(ROOT / "workflow/profiles/default"),
-                     "--config", *config, workdir=local, timeout=900)
+                     "--config", *config, "launch={cpus_per_task: 2}", workdir=local, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     proc = snakemake(*SLURM_PROFILE, "--config", *config, workdir=cluster, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

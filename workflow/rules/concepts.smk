@@ -11,6 +11,8 @@ rule extract_concepts:
         "results/logs/extract_concepts/{dataset}.log",
     benchmark:
         "results/benchmarks/rules/extract_concepts/{dataset}.tsv"
+    # Every stage waits on the concepts, then on the regions: they go first (the task texts after them).
+    priority: 2
     conda:
         "../../environment.yml"
     threads: 2
@@ -37,7 +39,7 @@ rule task_concepts:
         tasks=TEXT_TASKS,
         config=config_args(CONCEPT_KEYS),
     shell:
-        "mvptr concepts tasks --dataset {input:q} --tasks {params.tasks} --out {output:q} --n-process {threads} "
+        "mvptr concepts tasks --dataset {input:q} --tasks {params.tasks:q} --out {output:q} --n-process {threads} "
         "{params.config} > {log:q} 2>&1"
 
 

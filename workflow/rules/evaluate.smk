@@ -41,18 +41,20 @@ for task in EVAL_TASKS:
             task=task,
             job_dir=f"results/logs/evaluate_{task}/{{dataset}}/{{method}}/{{ablation}}/seed{{seed}}.submitit",
             config=step_args("evaluate"),
-            # The file of the task texts' scene graphs, for the tasks with texts (not retrieval).
-            task_concepts=lambda wildcards, input: " ".join(
-                f"--task-concepts {shlex.quote(path)}" for path in input.task_concepts
-            ),
+            # The file of the task texts' scene graphs, for the tasks with texts (not retrieval): the flag and path.
+            task_concepts=lambda wildcards, input: [
+                word
+                for path in input.task_concepts
+                for word in ("--task-concepts", path)
+            ],
         shell:
             "MVPTR_RULE=evaluate_{params.task:q} mvptr evaluate run --task {params.task:q} "
             "--dataset {input.dataset:q} --concepts {input.concepts:q} --vocab {input.vocab:q} "
             "--regions {input.regions:q} --weights {input.weights:q} --job-dir {params.job_dir:q} "
-            "{params.task_concepts} --out {output:q} {params.config} {resources.launch} "
+            "{params.task_concepts:q} --out {output:q} {params.config} {resources.launch} "
             # Snakemake evaluates this expression again when the job runs, after the loop: `task` is then the
             # last task, so the rule's own name comes in through {params.task}.
-            + trainer_args("evaluate_{params.task}") + " > {log:q} 2>&1"
+            + trainer_args("evaluate_{params.task:q}") + " > {log:q} 2>&1"
 
 
 rule evaluate_grounding:

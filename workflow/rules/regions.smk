@@ -12,6 +12,7 @@ rule extract_region_features:
         "results/logs/extract_region_features/{dataset}.log",
     benchmark:
         "results/benchmarks/rules/extract_region_features/{dataset}.tsv"
+    priority: 1
     conda:
         "../../environment.yml"
     threads: 2
