@@ -124,7 +124,7 @@ def test_the_summary_has_a_row_per_method(tiny_run: Path):
     assert [line.split("|")[1:3] for line in lines[2:]] == [[f" {method} ", " full "] for method in METHODS]
     stats = json.loads(next(tiny_run.glob("results/summary/*/statistics.json")).read_text())
     assert sorted(stats["rows"]) == sorted(f"{method}/full" for method in METHODS)
-    assert {"ground obj", "ITM hard-neg acc"} <= set(stats["metrics"])
+    assert {"G-obj", "G-att", "ITM"} <= set(stats["metrics"])
 
 
 def test_seeds_are_a_wildcard_and_stage_one_is_shared_per_seed(tmp_path: Path):
