@@ -83,6 +83,7 @@ def _normalised(obj: Mapping[str, Any], size: int) -> list[float]:
 
 def ground(cfg: Mapping[str, Any], paths: GroundingPaths, *, batch_size: int = 64) -> dict[str, Any]:
     """Ground every concept of every test caption (see the module docstring); the result JSON."""
+    from mvptr.data.coco import read_json
     from mvptr.models import build_model
     from mvptr.pairs import PairDataset, PairInputs, collate_image, collate_text
 
@@ -90,12 +91,11 @@ def ground(cfg: Mapping[str, Any], paths: GroundingPaths, *, batch_size: int = 6
     scene_file = Path(paths.dataset) / SCENE_FILE
     if not scene_file.is_file():
         raise DataError(f"--dataset {paths.dataset}: no {SCENE_FILE} (grounding needs the synthetic world's scenes)")
-    scenes = json.loads(scene_file.read_text(encoding="utf-8"))["images"]
-    sizes = {int(img["id"]): img["width"] for img in
-             json.loads((Path(paths.dataset) / "annotations" / "captions.json").read_text())["images"]}
+    scenes = read_json(scene_file)["images"]
+    sizes = {int(img["id"]): img["width"] for img in read_json(Path(paths.dataset) / "annotations" / "captions.json")["images"]}
     inputs = PairInputs.from_artifacts(cfg, paths.dataset, paths.concepts, paths.vocab)
     test = PairDataset(inputs, Path(paths.regions) / f"{SPLIT}.h5", SPLIT)
-    vocab = json.loads(Path(paths.vocab).read_text())["concepts"]
+    vocab = read_json(paths.vocab)["concepts"]
     by_id = {entry["id"]: (entry["kind"], key) for key, entry in vocab.items()}
     model = build_model(cfg, inputs.vocab_size, test.store.feature_dim)
     load_model(model, str(paths.weights))
