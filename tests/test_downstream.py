@@ -198,7 +198,8 @@ def test_each_task_fine_tunes_and_reports_metrics_in_range(stage0, task, tmp_pat
         chance = result["chance"][split]
         # The per-item scores the summary's bootstrap resamples average to the metric they stand for.
         items = metrics["item_scores"]
-        assert set(items) == ({"fine_tuned_vsc/ir_r_at_1", "fine_tuned_itm/ir_r_at_1", "itm_hard_negative_accuracy"}
+        assert set(items) == ({"fine_tuned_vsc/ir_r_at_1", "fine_tuned_itm/ir_r_at_1", "itm_hard_negative_accuracy",
+                               "itm_hard_negative_ranking"}
                               if task == "retrieval" else {"overall" if task == "vqa" else "accuracy"})
         for name, scores in items.items():
             value = metrics

@@ -321,6 +321,32 @@ def test_rerank_keeps_noncandidates_below_in_similarity_order() -> None:
     assert albef.i2t[0, best] == pytest.approx(float(itm[0, best] + similarity[0, best]))
 
 
+def test_itm_hard_negative_accuracy_and_ranking() -> None:
+    from mvptr.evaluate.finetune import itm_hard_negative_hits
+
+    # Three images, one text each; the similarity's hardest wrong image of text t is image (t + 1) % 3.
+    similarity = torch.tensor([[0.9, 0.1, 0.8],
+                               [0.8, 0.9, 0.1],
+                               [0.1, 0.8, 0.9]])
+    text_to_image = torch.arange(3)
+    # A head that ranks every own pair above its hard negative but calls every pair no match (all margins < 0,
+    # as a head trained on more negatives than positives can be): accuracy 50, ranking 100.
+    shifted = torch.tensor([[-1.0, -9.0, -5.0],
+                            [-5.0, -1.0, -9.0],
+                            [-9.0, -5.0, -1.0]])
+    items = itm_hard_negative_hits(LookupScorer(shifted), similarity, text_to_image, batch_size=2)
+    assert items["itm_hard_negative_accuracy"] == [0.0, 0.0, 0.0, 100.0, 100.0, 100.0]
+    assert items["itm_hard_negative_ranking"] == [100.0, 100.0, 100.0]
+    # Text 2's hard negative above its own pair, and called a match: both metrics lose that text's items.
+    shifted[0, 2] = 2.0
+    items = itm_hard_negative_hits(LookupScorer(shifted + 1.5), similarity, text_to_image, batch_size=2)
+    assert items["itm_hard_negative_accuracy"] == [100.0, 100.0, 100.0, 100.0, 100.0, 0.0]
+    assert items["itm_hard_negative_ranking"] == [100.0, 100.0, 0.0]
+    # A constant head: 50 and 0 (a tie is not a ranking).
+    items = itm_hard_negative_hits(LookupScorer(torch.ones(3, 3)), similarity, text_to_image, batch_size=2)
+    assert sum(items["itm_hard_negative_accuracy"]) / 6 == 50.0 and items["itm_hard_negative_ranking"] == [0.0] * 3
+
+
 def test_score_pairs_checks_the_scorer() -> None:
     with pytest.raises(ValueError, match="scores"):
         score_pairs(torch.arange(4), torch.arange(4), lambda i, t: torch.zeros(3), batch_size=4)

@@ -15,10 +15,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-# Retrieval's R@1 and R-sum zero-shot, fine-tuned and re-ranked, and its ITM head's hard-negative accuracy; VQA's
-# overall accuracy; the others' accuracy per split; grounding's accuracy per concept kind.
+# Retrieval's R@1 and R-sum zero-shot, fine-tuned and re-ranked, and its ITM head's hard-negative accuracy and
+# ranking; VQA's overall accuracy; the others' accuracy per split; grounding's accuracy per concept kind.
 HEADLINE_METRICS = ["retrieval/splits/*/*/r_sum", "retrieval/splits/*/*/*_r_at_1",
-                    "retrieval/splits/*/itm_hard_negative_accuracy", "vqa/splits/*/overall",
+                    "retrieval/splits/*/itm_hard_negative_*", "vqa/splits/*/overall",
                     "ve/splits/*/accuracy", "rec/splits/*/accuracy", "nlvr2/splits/*/accuracy",
                     "grounding/splits/*/object", "grounding/splits/*/attribute", "grounding/splits/*/relation"]
 

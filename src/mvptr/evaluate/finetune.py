@@ -281,10 +281,11 @@ def retrieval(res: Resources, cfg: Mapping[str, Any], seed: int, log: Log) -> tu
         hardest = scores
     metrics["itm_seconds"] = round(time.monotonic() - started, 2)
     with _autocast(res.device):
-        correct = itm_hard_negative_hits(itm_pair_scorer(res.model, enc, margin=True), hardest, enc.text_to_image,
-                                         ecfg["eval_batch_size"])
-    metrics["itm_hard_negative_accuracy"] = sum(correct) / len(correct)
-    item_scores["itm_hard_negative_accuracy"] = correct
+        itm_items = itm_hard_negative_hits(itm_pair_scorer(res.model, enc, margin=True), hardest,
+                                           enc.text_to_image, ecfg["eval_batch_size"])
+    for name, items in itm_items.items():
+        metrics[name] = sum(items) / len(items)
+    item_scores.update(itm_items)
     metrics["item_scores"] = item_scores
     log(f"retrieval: {metrics['ranking']} scored {metrics['pairs_scored']} pairs by ITM in {metrics['itm_seconds']}s")
     test_split = task_files.EVAL_SPLITS["retrieval"][0]
@@ -301,11 +302,15 @@ def image_hits(scores: Tensor, text_to_image: Tensor, t2i_scores: Tensor | None 
 
 
 def itm_hard_negative_hits(margin_scorer: Callable[[Tensor, Tensor], Tensor], scores: Tensor,
-                           text_to_image: Tensor, batch_size: int) -> list[float]:
-    """Per test text, 100 or 0 for each of two pairs: is the text with its own image called a match by the ITM
-    head (margin > 0), and the text with its hard negative - the wrong image `scores` (n_images, n_texts) ranks
-    first - called no match. Their mean is the ITM head's hard-negative accuracy (50 for a head that says the
-    same of every pair)."""
+                           text_to_image: Tensor, batch_size: int) -> dict[str, list[float]]:
+    """The ITM head on each test text's own image and its hard negative - the wrong image `scores` (n_images,
+    n_texts) ranks first - as per-item scores (100 or 0) of two metrics:
+
+    - `itm_hard_negative_accuracy`, two items per text: the own pair called a match (margin > 0), the hard
+      negative called no match. 50 for a head that says the same of every pair, whatever it ranks: a head whose
+      margins are all shifted to one side of 0 (trained on more negatives than positives) scores 50 here;
+    - `itm_hard_negative_ranking`, one item per text: the own pair's margin above the hard negative's, the
+      threshold-free comparison re-ranking makes (50 for a head that cannot tell them apart, ties counted 0)."""
     from mvptr.evaluate.rerank import score_pairs
 
     owner = text_to_image.to(scores.device)
@@ -315,7 +320,9 @@ def itm_hard_negative_hits(margin_scorer: Callable[[Tensor, Tensor], Tensor], sc
     negative = wrong.argmax(dim=0)
     positive_margin = score_pairs(owner, texts, margin_scorer, batch_size)
     negative_margin = score_pairs(negative, texts, margin_scorer, batch_size)
-    return (100.0 * torch.cat([positive_margin > 0, negative_margin <= 0]).double()).tolist()
+    return {"itm_hard_negative_accuracy":
+            (100.0 * torch.cat([positive_margin > 0, negative_margin <= 0]).double()).tolist(),
+            "itm_hard_negative_ranking": (100.0 * (positive_margin > negative_margin).double()).tolist()}
 
 
 # --- Tasks on examples (vqa, ve, rec, nlvr2) ----------------------------------------------------------------
