@@ -44,17 +44,29 @@ LAYERS = ["default.yaml", "datasets/synthetic.yaml", "models/tiny.yaml", "method
 
 
 @pytest.mark.parametrize("top", range(len(LAYERS) + 2))
-def test_merge_order_base_dataset_model_method_ablation_cli(layered_root: Path, top: int):
-    """Layer i sets seed=i for every layer up to `top`; the highest layer that sets it must win."""
+def test_merge_order_base_dataset_model_method_cli_ablation(layered_root: Path, top: int):
+    """Layer i sets seed=i for every layer up to `top` (the files, then the overrides, then the ablation); the
+    highest layer that sets it must win."""
     for i, name in enumerate(LAYERS[: top + 1]):
         path = layered_root / "configs" / name
         data = read_yaml(path)
         data["seed"] = 100 + i
         path.write_text(yaml.safe_dump(data))
-    if top >= len(LAYERS):  # the ablation layer
-        (layered_root / "configs/ablations.yaml").write_text(yaml.safe_dump({"full": {"seed": 100 + len(LAYERS)}}))
-    overrides = [f"seed={100 + len(LAYERS) + 1}"] if top == len(LAYERS) + 1 else []
+    overrides = [f"seed={100 + len(LAYERS)}"] if top >= len(LAYERS) else []
+    if top == len(LAYERS) + 1:  # the ablation layer
+        (layered_root / "configs/ablations.yaml").write_text(
+            yaml.safe_dump({"full": {"seed": 100 + len(LAYERS) + 1}}))
     assert load_config(overrides, root=layered_root)["seed"] == 100 + top
+
+
+def test_an_experiment_budget_leaves_the_no_pretraining_baseline_untrained():
+    """The study's config reaches every command as overrides (stage steps among them): no_pretraining's own
+    steps (0) must stay, the other ablations take the study's."""
+    budget = ["pretrain.stage1.steps=100", "pretrain.stage2.steps=150"]
+    baseline = load_config([*budget, "ablation=no_pretraining"], root=ROOT)["pretrain"]
+    assert baseline["stage1"]["steps"] == baseline["stage2"]["steps"] == 0
+    full = load_config([*budget, "ablation=full"], root=ROOT)["pretrain"]
+    assert (full["stage1"]["steps"], full["stage2"]["steps"]) == (100, 150)
 
 
 def test_unknown_key_is_named_with_the_allowed_keys():

@@ -6,7 +6,12 @@ validated against one JSON schema (`src/mvptr/schemas/config.schema.yaml`, shipp
 
 Merge order (later wins):
     configs/default.yaml  <  configs/datasets/<dataset.name>.yaml  <  configs/models/<model.name>.yaml
-    <  configs/methods/<method.name>.yaml  <  configs/ablations.yaml[<ablation>]  <  `key=value` overrides
+    <  configs/methods/<method.name>.yaml  <  `key=value` overrides  <  configs/ablations.yaml[<ablation>]
+
+The ablation comes last so that it is what its entry says whatever the experiment sets: the workflow hands a
+`--configfile` (configs/study.yaml) to every command as overrides, and a study that sets the stage-two steps
+must leave `no_pretraining` at 0 steps (with the overrides last it had trained every baseline for the study's
+steps). An override of a key the ablation does not set still wins over every other layer.
 
 The selectors (`dataset.name`, `model.name`, `method.name`, `ablation`) are read after the overrides are
 applied to the base, so `dataset.name=coco_format` on the command line picks the coco_format layer. An ablation
@@ -210,7 +215,7 @@ def compose(base: Mapping[str, Any], overrides: Sequence[str] = (), root: Path |
     for section in ("dataset", "model", "method"):
         name = selected.get(section, {}).get("name")
         layers.append(_layer(configs / f"{section}s", f"{section}.name", name))
-    layers += [entry, cli]
+    layers += [cli, entry]
     cfg: dict[str, Any] = {}
     for layer in layers:
         cfg = merge(cfg, layer)
