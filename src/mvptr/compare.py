@@ -53,7 +53,8 @@ HEADLINE_NAME = "headline.md"
 # The numbers of the headline table (what `make demo` prints) and of the seed statistics: a short name, the task
 # and the metric, the first of these present on the task's reported split (the last of EVAL_SPLITS: test, testB,
 # test1); retrieval's text-to-image R@1, re-ranked by ITM where that ran, and its ITM head's hard-negative
-# accuracy (match / no match at margin 0) and ranking (own image above the hard negative); grounding's accuracy per concept kind. The full table keeps every headline metric.
+# accuracy (match / no match at margin 0) and ranking (own image above the hard negative); grounding's accuracy
+# per concept kind. The full table keeps every headline metric.
 HEADLINE = [("IR@1", "retrieval", ["fine_tuned_itm/ir_r_at_1", "fine_tuned_vsc/ir_r_at_1", "zero_shot/ir_r_at_1"]),
             ("ITM", "retrieval", ["itm_hard_negative_accuracy"]),
             ("ITM-rank", "retrieval", ["itm_hard_negative_ranking"]), ("VQA", "vqa", ["overall"]),

@@ -92,7 +92,8 @@ def ground(cfg: Mapping[str, Any], paths: GroundingPaths, *, batch_size: int = 6
     if not scene_file.is_file():
         raise DataError(f"--dataset {paths.dataset}: no {SCENE_FILE} (grounding needs the synthetic world's scenes)")
     scenes = read_json(scene_file)["images"]
-    sizes = {int(img["id"]): img["width"] for img in read_json(Path(paths.dataset) / "annotations" / "captions.json")["images"]}
+    captions = read_json(Path(paths.dataset) / "annotations" / "captions.json")
+    sizes = {int(img["id"]): img["width"] for img in captions["images"]}
     inputs = PairInputs.from_artifacts(cfg, paths.dataset, paths.concepts, paths.vocab)
     test = PairDataset(inputs, Path(paths.regions) / f"{SPLIT}.h5", SPLIT)
     vocab = read_json(paths.vocab)["concepts"]
